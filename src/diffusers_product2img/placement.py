@@ -146,11 +146,11 @@ def place_cutout(
     return canvas, mask
 
 
-def composite_product(generated: np.ndarray, original: np.ndarray, product_mask: np.ndarray) -> np.ndarray:
+def composite_product(generated, original, product_mask):
     """Paste the original product pixels over a generated image.
 
-    All inputs are float arrays in ``[0, 1]``: images ``(..., H, W, 3)``, mask ``(..., H, W, 1)`` with
-    1 = product. Where the mask is 1 the result is exactly the original pixel; the soft edge band of
+    Inputs are float arrays or tensors in ``[0, 1]`` that broadcast together (images
+    ``(B, 3, H, W)`` with a mask ``(B, 1, H, W)``, or channels-last), mask 1 = product. Where the mask is 1 the result is exactly the original pixel; the soft edge band of
     the cutout blends the two, which avoids the halo of a hard paste.
     """
     return product_mask * original + (1.0 - product_mask) * generated

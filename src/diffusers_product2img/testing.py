@@ -172,7 +172,7 @@ def tiny_scheduler():
 
     # The SD-1.5 noise schedule.
     return EulerAncestralDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
     )
 
 
