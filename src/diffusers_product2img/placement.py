@@ -45,11 +45,11 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         arr = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if arr.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
         arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if image.mode == "F":
         arr = np.asarray(image, dtype=np.float64)
         arr = np.clip(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
@@ -79,7 +79,7 @@ def to_product_mask(mask: Image.Image | np.ndarray, name: str = "mask") -> Image
             raise ValueError(f"{name} array must be HxW, got shape {mask.shape}")
         if arr.max(initial=0) <= 1.0:
             arr = arr * 255.0
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     if not isinstance(mask, Image.Image):
         raise TypeError(f"{name} must be a PIL image or a numpy array, got {type(mask).__name__}")
     if mask.mode in ("RGBA", "LA"):
