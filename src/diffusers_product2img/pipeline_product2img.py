@@ -481,15 +481,17 @@ class Product2ImgPipeline(
         latents = self.prepare_latents((total, num_channels_latents, *latent_size), dtype, device, generator, latents)
 
         # 7. Denoising loop
+        def image_condition(mask, masked_image_latents):
+            cond = torch.cat([mask, masked_image_latents], dim=1)
+            return torch.cat([cond] * 2) if self.do_classifier_free_guidance else cond
+
+        cond = image_condition(mask, masked_image_latents)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                cond = torch.cat([mask, masked_image_latents], dim=1)
-                if self.do_classifier_free_guidance:
-                    cond = torch.cat([cond] * 2)
                 noise_pred = self.unet(
                     torch.cat([model_input, cond], dim=1), t, encoder_hidden_states=unet_text, return_dict=False
                 )[0]
@@ -507,8 +509,10 @@ class Product2ImgPipeline(
                     callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = outputs.pop("latents", latents)
-                    mask = outputs.pop("mask", mask)
-                    masked_image_latents = outputs.pop("masked_image_latents", masked_image_latents)
+                    if "mask" in outputs or "masked_image_latents" in outputs:
+                        mask = outputs.pop("mask", mask)
+                        masked_image_latents = outputs.pop("masked_image_latents", masked_image_latents)
+                        cond = image_condition(mask, masked_image_latents)
                     if "prompt_embeds" in outputs or "negative_prompt_embeds" in outputs:
                         prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                         negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
