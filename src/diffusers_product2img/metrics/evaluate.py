@@ -385,6 +385,11 @@ def format_metrics_table(rows: dict[str, dict]) -> str:
         elif len(seen) > 1:
             notes.append(f"- **{header_text}**: settings differ between rows, do not compare them:")
             notes += [f"  - {', '.join(methods)}: {text}" for text, methods in seen.items()]
+    for method, result in rows.items():
+        details = result.get("details") if isinstance(result.get("details"), dict) else {}
+        for key, detail in details.items():
+            if isinstance(detail, dict) and detail.get("warning"):
+                notes.append(f"- warning, {method} {key}: {detail['warning']}")
     n_images = {m: r.get("n_images") for m, r in rows.items() if isinstance(r, dict) and "n_images" in r}
     if n_images:
         notes.append("- images per method: " + ", ".join(f"{m} {k}" for m, k in n_images.items()))
