@@ -223,3 +223,34 @@ def test_evaluate_images_command_from_jsonl(tmp_path, tiny_clip_dir, const_head,
     assert args.func(args) == 0
     md = open(tmp_path / "table" / "metrics.md", encoding="utf-8").read()
     assert "| product2img |" in md and "| copy | - | - | 5.25 |" in md
+
+
+def test_evaluate_images_command_on_a_raw_epbd_folder(tmp_path, tiny_clip_dir, const_head, scenes):
+    pytest.importorskip("diffusers_product2img.data.layout")
+    generated, refs, cutouts, masks, names = scenes
+    root, gen_dir = tmp_path / "epbd", tmp_path / "gens"
+    for sub in ("images", "cutouts", "masks"):
+        (root / sub).mkdir(parents=True)
+    gen_dir.mkdir()
+    lines = ["id,product_name,category,split"]
+    for i in range(N):
+        sid = f"s{i}"
+        lines.append(f"{sid},{names[i]},mug,{'test' if i < 3 else 'train'}")
+        refs[i].save(root / "images" / f"{sid}.png")
+        cutouts[i].save(root / "cutouts" / f"{sid}.png")
+        if i == 0:
+            masks[i].save(root / "masks" / f"{sid}.png")  # the others come from the cutouts' alpha
+        generated[i].save(gen_dir / f"{sid}.png")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    parser = argparse.ArgumentParser(prog="product2img")
+    register_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "evaluate-images", "--generated", str(gen_dir), "--dataset", str(root), "--split", "test",
+        "--output-dir", str(tmp_path / "table"), "--clip-model", tiny_clip_dir, "--pickscore-model",
+        tiny_clip_dir, "--pickscore-processor", tiny_clip_dir, "--aesthetic-weights", const_head,
+        "--metrics", "fidelity,pickscore", "--method", "Product2Img",
+    ])
+    assert args.func(args) == 0
+    row = json.load(open(tmp_path / "table" / "metrics.json", encoding="utf-8"))["rows"]["Product2Img"]
+    assert row["n_images"] == 3 and [r["name"] for r in row["per_image"]] == names[:3]
+    assert row["metrics"]["ExactPixel"] == 1.0 and row["per_image"][1]["Expansion"] > 0.1

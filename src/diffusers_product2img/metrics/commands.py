@@ -6,9 +6,10 @@ Inputs, in one of two forms:
   ``cutout``, optional ``mask``, ``name`` (or ``product_name``), optional ``text`` and ``id``. Paths
   are relative to the JSONL file's folder. A row without ``generated`` takes
   ``<--generated>/<id>.png``.
-* ``--generated DIR --dataset DIR_OR_REPO``: an exported EPBD-style dataset. A folder with a
-  ``metadata.jsonl`` is read like ``--jsonl``; anything else is opened with
-  ``datasets.load_dataset(path, config, split=...)`` and its columns are chosen with
+* ``--generated DIR --dataset DIR_OR_REPO``: a raw EPBD folder (``metadata.csv``/``.jsonl`` with
+  ``images/``, ``cutouts/``, optional ``masks/``; see :mod:`diffusers_product2img.data.layout`),
+  of which ``--split`` is evaluated; anything else (an exported Parquet folder or a Hub dataset) is
+  opened with ``datasets.load_dataset(path, config, split=...)`` and its columns are chosen with
   ``--image-column`` etc. Generated images are matched as ``<id>.png`` (or ``<row index:05d>.png``).
 
 Writes ``metrics.md`` and ``metrics.json`` into ``--output-dir``; with ``--append`` the rows already
@@ -24,6 +25,8 @@ import os
 from dataclasses import dataclass
 
 from PIL import Image
+
+from ..placement import has_alpha, product_mask_from_alpha
 
 __all__ = ["register_commands", "run_evaluate_images", "EvalRow", "read_rows"]
 
@@ -84,15 +87,35 @@ def _rows_from_jsonl(path: str, generated_dir: str | None) -> list[EvalRow]:
     return rows
 
 
+def _rows_from_raw_epbd(root: str, split: str, generated_dir: str | None) -> list[EvalRow]:
+    """Rows of one split of a raw EPBD folder (the layout of :mod:`diffusers_product2img.data.layout`)."""
+    from ..data.layout import EPBDLayout
+
+    layout = EPBDLayout(root)
+    rows = []
+    for index, sample in enumerate(layout.split_samples(split)):
+        mask = os.path.join(root, sample.mask_file) if sample.mask_file else None
+        rows.append(EvalRow(
+            generated=_generated_path(generated_dir, sample.id, index),
+            reference=os.path.join(root, sample.image_file),
+            cutout=os.path.join(root, sample.cutout_file),
+            mask=mask if mask and os.path.exists(mask) else None,  # else from the cutout's alpha
+            name=sample.product_name,
+            id=sample.id,
+        ))
+    return rows
+
+
 def read_rows(args: argparse.Namespace) -> tuple[list[EvalRow], dict]:
     """The evaluation rows as paths (JSONL / metadata.jsonl), or as loaded images (datasets)."""
     if args.jsonl:
         return _rows_from_jsonl(args.jsonl, args.generated), {}
     if not args.dataset:
         raise ValueError("give --jsonl, or --generated with --dataset")
-    metadata = os.path.join(args.dataset, "metadata.jsonl")
-    if os.path.isdir(args.dataset) and os.path.exists(metadata):
-        return _rows_from_jsonl(metadata, args.generated), {}
+    if os.path.isdir(args.dataset) and any(
+        os.path.exists(os.path.join(args.dataset, f)) for f in ("metadata.csv", "metadata.jsonl")
+    ):
+        return _rows_from_raw_epbd(args.dataset, args.split, args.generated), {}
     import datasets
 
     ds = datasets.load_dataset(args.dataset, args.config, split=args.split)
@@ -145,6 +168,9 @@ def run_evaluate_images(args: argparse.Namespace) -> int:
     references = [_open(r.reference, "reference", preloaded) for r in rows]
     cutouts = [_open(r.cutout, "cutout", preloaded) for r in rows]
     masks = [_open(r.mask, "mask", preloaded) for r in rows]
+    # A row without a mask file takes its product mask from the cutout's alpha.
+    masks = [m if m is not None or c is None or not has_alpha(c) else product_mask_from_alpha(c)
+             for m, c in zip(masks, cutouts)]
     texts = [r.text or r.name for r in rows] if any(r.text for r in rows) else None
     result = evaluate_images(
         generated,
