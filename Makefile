@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# Versions verified together; CONSTRAINTS= (empty) lets pip pick the newest that setup.py allows.
+CONSTRAINTS ?= -c constraints.txt
 BIN := $(VENV)/bin
 
 .PHONY: venv install test demo demo-quick lint bench
@@ -14,7 +16,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[train,score,metrics,test]"
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[train,score,metrics,test]"
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
