@@ -202,7 +202,8 @@ def evaluate_images(
         ``Aesthetics``, ``CLIP-c-I``, ``CLIP-c-B``, ``ExactPixel`` (fraction), ``ProductMAE``
         (0-255), ``Expansion`` (fraction of the ring, minus the reference's).
     """
-    config = config or EvalConfig()
+    if config is None:
+        config = models.config if models is not None else EvalConfig()
     models = models or MetricModels(config)
     n = len(generated)
     if n == 0:
