@@ -583,7 +583,9 @@ class ResultStore:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(self._fd)
-                raise StoreLockedError(f"{self.path} is in use by another process") from e
+                raise StoreLockedError(
+                    f"{self.path} is open in another scorer or process; close it first (scorer.close())"
+                ) from e
         self._latest: dict[str, LMMResult] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue | None = None
@@ -1069,6 +1071,7 @@ class OpenAICompatibleScorer(LMMScorer):
         attempt = 0
         while True:
             await self._wait_for_pause()
+            used_format = self._structured
             body = self.request_body(kind, messages)
             usage["attempts"] += 1
             try:
@@ -1104,12 +1107,13 @@ class OpenAICompatibleScorer(LMMScorer):
                     delay = self._backoff(attempt)
             except openai.BadRequestError as e:
                 msg = self._redact(e.message)
-                if self._structured != "none" and re.search(r"response_format|json_schema|json_object", msg, re.I):
-                    old = self._structured
-                    self._structured = "json_object" if old == "json_schema" else "none"
-                    logger.warning("server rejected response_format=%s (%s); using %s", old, msg, self._structured)
+                if used_format != "none" and re.search(r"response_format|json_schema|json_object", msg, re.I):
+                    if self._structured == used_format:  # (concurrent requests may have stepped down already)
+                        self._structured = "json_object" if used_format == "json_schema" else "none"
+                        logger.warning("server rejected response_format=%s (%s); using %s", used_format, msg,
+                                       self._structured)
                     usage["attempts"] -= 1
-                    continue  # not counted as an attempt
+                    continue  # not counted as an attempt: the server did no work
                 raise _Failure("bad_request", msg, False) from None
             except openai.APITimeoutError:
                 last_type, last_msg, delay = "timeout", f"no reply within {c.timeout}s", self._backoff(attempt)
@@ -1312,7 +1316,14 @@ class OpenAICompatibleScorer(LMMScorer):
         return rec.text
 
     def close(self):
+        """Close the result store (and release its lock)."""
         self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # ----------------------------------------------------------------------------------------------
