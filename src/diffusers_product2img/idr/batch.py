@@ -220,9 +220,12 @@ def import_batch_output(
     written: dict[str, LMMResult] = {}
     for line in read_jsonl(output):
         cid = line.get("custom_id")
-        if not cid or scorer.store.get(cid) is not None and scorer.store.get(cid).ok:
+        old = scorer.store.get(cid) if cid else None
+        if not cid or (old is not None and old.ok):
             continue
         rec, _ = _result_from_line(scorer, line, source, cost_factor)
+        if old is not None and (old.error_type, old.error) == (rec.error_type, rec.error):
+            continue  # the same failure imported again (the same file twice)
         if scorer.store.append(rec):
             written[cid] = rec
     for cid in expected or ():
