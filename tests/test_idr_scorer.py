@@ -297,19 +297,27 @@ def test_bounded_concurrency_and_progress_bar(tmp_path, capsys):
     assert report.cost > 0
 
 
-def test_server_dying_mid_run_then_resume_sends_only_what_is_missing(tmp_path):
+@pytest.mark.parametrize("abort_after", [None, 3])
+def test_server_dying_mid_run_then_resume_sends_only_what_is_missing(tmp_path, abort_after):
     samples = plain_samples(30)
+    store = tmp_path / "r.jsonl"
     with SimulatedLMMServer(judge="hash", latency=0.01, die_after=12) as server:
-        scorer = OpenAICompatibleScorer(cfg(server, concurrency=4, max_retries=1), tmp_path / "r.jsonl",
-                                        examples=[])
-        first = scorer.score_samples(samples)
-    ok_first = {i for i, r in first.results.items() if r.ok}
-    assert 0 < len(ok_first) <= 12 and first.n_failed == 30 - len(ok_first)
-    assert {r.error_type for r in first.failures().values()} <= {"connection", "timeout"}
-    assert all(r.transient for r in first.failures().values())
-    scorer.close()
+        config = cfg(server, concurrency=4, max_retries=1, abort_after_failures=abort_after)
+        with OpenAICompatibleScorer(config, store, examples=[]) as scorer:
+            if abort_after is None:  # every sample is tried and recorded
+                first = scorer.score_samples(samples)
+                assert first.n_failed == 30 - first.n_ok and all(r.transient for r in first.failures().values())
+                assert {r.error_type for r in first.failures().values()} <= {"connection", "timeout"}
+            else:  # the run stops early instead of grinding through a dead server
+                with pytest.raises(ScorerError, match="3 transient failures in a row"):
+                    scorer.score_samples(samples)
+            stored = scorer.store.results()
+    ok_first = {r.sample_id for r in stored if r.ok}
+    assert 0 < len(ok_first) <= 12
+    if abort_after is not None:
+        assert len(stored) < 30
     with SimulatedLMMServer(judge="hash") as server2:
-        second = OpenAICompatibleScorer(cfg(server2), tmp_path / "r.jsonl", examples=[]).score_samples(samples)
+        second = OpenAICompatibleScorer(cfg(server2), store, examples=[]).score_samples(samples)
     assert second.n_ok == 30
     assert not ok_first & set(server2.requests_per_sample)
     assert sum(server2.requests_per_sample.values()) == 30 - len(ok_first)
@@ -446,3 +454,26 @@ def test_kill_9_mid_run_then_restart_resends_nothing_answered_and_loses_nothing(
     assert twice <= set(sent_before) - set(persisted)
     assert len(twice) <= conc
     assert sum(server.requests_per_sample.values()) <= n + conc
+
+
+def test_retry_after_header_forms_and_lazy_exports():
+    import email.utils
+
+    import httpx2
+    import openai
+
+    from diffusers_product2img import idr
+    from diffusers_product2img.idr.scorer import _retry_after_seconds
+
+    def err(headers):
+        req = httpx2.Request("POST", "http://x/v1/chat/completions")
+        return openai.RateLimitError("slow down", response=httpx2.Response(429, headers=headers, request=req),
+                                     body=None)
+
+    assert _retry_after_seconds(err({"retry-after": "2.5"})) == 2.5
+    assert _retry_after_seconds(err({"retry-after-ms": "150"})) == 0.15
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= _retry_after_seconds(err({"retry-after": date})) <= 31
+    assert _retry_after_seconds(err({})) is None
+    assert idr.OpenAICompatibleScorer is OpenAICompatibleScorer
+    assert idr.BatchRunner.__name__ == "BatchRunner" and idr.SimulatedLMMServer is SimulatedLMMServer

@@ -461,6 +461,9 @@ class ScorerConfig:
     # selection and re-runs
     gamma: int = 4
     retry_failed: bool = False
+    #: stop the run (ScorerError; everything so far is saved) after this many transient failures in
+    #: a row with no success between them -- a dead server or an exhausted quota. None: never.
+    abort_after_failures: int | None = 20
     show_progress: bool = True
 
     def __post_init__(self):
@@ -867,7 +870,10 @@ class LMMScorer(ABC):
     def summarize_feedback(self, feedbacks: Sequence[str], *, round: int = 1) -> str:
         return _run_sync(self.asummarize_feedback(feedbacks, round=round))
 
-    def select(self, report: RunReport, gamma: int = 4) -> list[str]:
+    def select(self, report: RunReport, gamma: int | None = None) -> list[str]:
+        """Eq. 6/8: ids with ``score >= gamma`` (default: the config's gamma, 4)."""
+        if gamma is None:
+            gamma = getattr(getattr(self, "config", None), "gamma", 4)
         return report.selected(gamma)
 
 
@@ -1242,6 +1248,9 @@ class OpenAICompatibleScorer(LMMScorer):
             self._client = self._make_client()
         sem = asyncio.Semaphore(self.config.concurrency)
 
+        streak = [0]  # transient failures in a row
+        limit = self.config.abort_after_failures
+
         async def one(sample: Sample):
             async with sem:
                 try:
@@ -1254,6 +1263,13 @@ class OpenAICompatibleScorer(LMMScorer):
                 await self.store.aappend(rec)
                 report.results[sample.id] = self.store.get(rec.key)
                 progress.update(rec)
+                streak[0] = streak[0] + 1 if (not rec.ok and rec.transient) else 0
+                if limit is not None and streak[0] >= limit:
+                    raise ScorerError(
+                        f"{streak[0]} transient failures in a row (last: {rec.error_type}: {rec.error}); "
+                        f"stopping. {len(report.results)} results are saved in {self.store.path}; "
+                        "run again to resume."
+                    )
 
         try:
             tasks = [asyncio.ensure_future(one(s)) for s in todo]
