@@ -127,10 +127,13 @@ def test_cli_args_override_prompts_and_examples(tmp_path):
     parser = add_scorer_args(argparse.ArgumentParser())
     args = parser.parse_args(["--lmm-model", "Qwen/Qwen2.5-VL-7B-Instruct", "--lmm-base-url", "http://h:8000/v1",
                               "--lmm-concurrency", "7", "--lmm-image-detail", "high", "--lmm-no-cutout",
+                              "--lmm-temperature", "none",
                               "--score-prompt", str(tmp_path / "pr.txt"), "--examples", str(tmp_path / "ex.json")])
     config = scorer_config_from_args(args)
     assert (config.model, config.base_url, config.concurrency, config.image_detail, config.send_cutout) == (
         "Qwen/Qwen2.5-VL-7B-Instruct", "http://h:8000/v1", 7, "high", False)
+    assert config.temperature is None and config.api_key_env == "OPENAI_API_KEY"
+    assert not any("key" in k and "env" not in k for k in vars(args))  # no flag takes the key itself
     prompts, examples = prompts_from_args(args)
     assert prompts.score.startswith("My own p_R.") and "summar" in prompts.summarize.lower()
     assert [e.product_name for e in examples] == ["Mug"]
@@ -417,9 +420,9 @@ def _ok_ids(path: Path) -> Counter:
 
 
 def test_kill_9_mid_run_then_restart_resends_nothing_answered_and_loses_nothing(tmp_path):
-    n, conc = 60, 4
+    n, conc = 120, 4
     store = tmp_path / "results.jsonl"
-    with SimulatedLMMServer(judge="hash", latency=0.04) as server:
+    with SimulatedLMMServer(judge="hash", latency=0.05) as server:
         code = CHILD.format(pkg=str(SRC / "diffusers_product2img"), n=n, url=server.base_url, key_env=KEY_ENV,
                             conc=conc, store=str(store))
         script = tmp_path / "child.py"

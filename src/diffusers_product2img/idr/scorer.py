@@ -433,6 +433,9 @@ class ScorerConfig:
     The API key is read from the environment variable named by ``api_key_env`` (never from a
     setting). If it is unset and ``base_url`` is given (a local server without auth), ``"EMPTY"``
     is sent, as vLLM's docs do.
+
+    ``temperature=None`` leaves the parameter out (reasoning models accept only their default).
+    ``extra_body`` is merged into every request body (e.g. vLLM's ``{"top_k": 1}``).
     """
 
     model: str
@@ -1360,6 +1363,8 @@ def add_scorer_args(parser: argparse.ArgumentParser, prefix: str = "lmm") -> arg
                    help="name of the environment variable holding the API key (the key is never a flag)")
     g.add_argument(f"{p}concurrency", type=int, default=16)
     g.add_argument(f"{p}timeout", type=float, default=120.0)
+    g.add_argument(f"{p}temperature", type=lambda v: None if v.lower() == "none" else float(v), default=0.0,
+                   help="sampling temperature; 'none' to leave it out (reasoning models reject other values)")
     g.add_argument(f"{p}max-retries", type=int, default=5)
     g.add_argument(f"{p}image-detail", choices=["low", "high", "auto"], default="low")
     g.add_argument(f"{p}image-max-side", type=int, default=512)
@@ -1387,6 +1392,7 @@ def scorer_config_from_args(args: argparse.Namespace, prefix: str = "lmm") -> Sc
         api_key_env=a[p + "api_key_env"],
         concurrency=a[p + "concurrency"],
         timeout=a[p + "timeout"],
+        temperature=a[p + "temperature"],
         max_retries=a[p + "max_retries"],
         image_detail=a[p + "image_detail"],
         image_max_side=a[p + "image_max_side"],
