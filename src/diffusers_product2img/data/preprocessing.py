@@ -32,7 +32,7 @@ from ..placement import (
 )
 from .layout import METADATA_FILE, METADATA_JSONL_FILE, EPBDLayoutError
 
-__all__ = ["center_crop_box", "resize_center_crop", "prepare_example", "prepare_batch", "load_epbd"]
+__all__ = ["center_crop_box", "resize_center_crop", "prepare_example", "prepare_batch", "to_tensor", "load_epbd"]
 
 logger = logging.getLogger(__name__)
 

@@ -49,6 +49,7 @@ __all__ = [
     "category_scene",
     "generate_epbd_synth",
     "render_sample",
+    "ground_truth_scores",
     "classify_scene",
     "detect_defects",
 ]
@@ -472,7 +473,7 @@ def _window(g: _Grid, x0: float, x1: float, y0: float, y1: float) -> tuple[slice
 def _render_product(spec: CategorySpec, color: RGB, rng: np.random.Generator, g: _Grid, horizon: float):
     """(rgb HxWx3, alpha HxW) of the product, placed resting on the scene's surface."""
     res = g.res
-    half = rng.uniform(0.19, 0.25)  # half height of the product, as a fraction of the canvas
+    half = rng.uniform(0.22, 0.28)  # half height of the product, as a fraction of the canvas
     cx = rng.uniform(0.38, 0.62)
     bottom = min(horizon + rng.uniform(0.08, 0.16), 0.88)
     cy = bottom - half
@@ -503,14 +504,23 @@ _WATERMARK_TEXTS = ("SALE 50% OFF", "BEST PRICE", "www.shop.com", "HOT SALE", "F
 
 
 @lru_cache(maxsize=64)
-def _text_stamp(text: str, res: int) -> np.ndarray:
-    """Alpha mask (h, w) float32 of a text string at a size proportional to the resolution."""
+def _text_stamp(text: str, res: int, outline: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Alpha masks ``(fill, outline)`` (h, w) float32 of a text at a size proportional to the resolution.
+
+    ``outline`` adds a stroke around the glyphs (the usual white-on-black-outline watermark); without
+    it the outline mask is empty.
+    """
     size = max(8, res // 7)
+    stroke = max(1, size // 12) if outline else 0
     font = ImageFont.load_default(size=size)
-    box = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font)
-    img = Image.new("L", (box[2] + 2, box[3] + 2), 0)
-    ImageDraw.Draw(img).text((1, 1), text, fill=255, font=font)
-    return np.asarray(img, dtype=np.float32) / 255.0
+    box = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font, stroke_width=stroke)
+    canvas = (box[2] + 2, box[3] + 2)
+    fill_img, full_img = Image.new("L", canvas, 0), Image.new("L", canvas, 0)
+    ImageDraw.Draw(fill_img).text((1, 1), text, fill=255, font=font)
+    ImageDraw.Draw(full_img).text((1, 1), text, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+    fill = np.asarray(fill_img, dtype=np.float32) / 255.0
+    full = np.asarray(full_img, dtype=np.float32) / 255.0
+    return fill, np.clip(full - fill, 0.0, 1.0)
 
 
 def _paste_alpha(img: np.ndarray, stamp: np.ndarray, top: int, left: int, color: np.ndarray, opacity: float):
@@ -525,22 +535,24 @@ def _paste_alpha(img: np.ndarray, stamp: np.ndarray, top: int, left: int, color:
 
 def _add_watermark(img: np.ndarray, rng: np.random.Generator, g: _Grid) -> None:
     res = g.res
-    white, dark = np.float32([1, 1, 1]), np.float32([0.06, 0.06, 0.08])
+    white, dark = np.float32([1, 1, 1]), np.float32([0.03, 0.03, 0.04])
+    text = _WATERMARK_TEXTS[int(rng.integers(len(_WATERMARK_TEXTS)))]
     if rng.random() < 0.5:  # a dark promotional banner with white text
-        stamp = _text_stamp(_WATERMARK_TEXTS[int(rng.integers(len(_WATERMARK_TEXTS)))], res)
-        band_h = stamp.shape[0] + max(2, res // 32)
+        fill, outline = _text_stamp(text, res, outline=True)
+        fill = np.maximum(fill, outline)  # bold white text
+        band_h = fill.shape[0] + max(2, res // 32)
         top = int(rng.choice([rng.integers(0, res // 10 + 1), rng.integers(res - band_h - res // 10, res - band_h + 1)]))
-        img[top : top + band_h] = img[top : top + band_h] * 0.1 + dark * 0.9
-        _paste_alpha(img, stamp, top + (band_h - stamp.shape[0]) // 2, int(rng.integers(0, max(1, res - stamp.shape[1]))), white, 1.0)
-    else:  # repeated watermark text with a drop shadow
-        text = _WATERMARK_TEXTS[int(rng.integers(len(_WATERMARK_TEXTS)))]
-        stamp = _text_stamp(text, res)
+        img[top : top + band_h] = img[top : top + band_h] * 0.04 + dark * 0.96
+        left = int(rng.integers(0, max(1, res - fill.shape[1])))
+        _paste_alpha(img, fill, top + (band_h - fill.shape[0]) // 2, left, white, 1.0)
+    else:  # repeated white watermark text with a dark outline
+        fill, outline = _text_stamp(text, res, outline=True)
         rows = int(rng.integers(3, 5))
         for k in range(rows):
-            top = int((k + rng.uniform(0.1, 0.6)) * res / rows) - stamp.shape[0] // 2
-            left = int(rng.integers(-stamp.shape[1] // 3, max(1, res - stamp.shape[1] // 2)))
-            _paste_alpha(img, stamp, top + 1, left + 1, dark, 0.9)
-            _paste_alpha(img, stamp, top, left, white, 0.95)
+            top = int((k + rng.uniform(0.1, 0.6)) * res / rows) - fill.shape[0] // 2
+            left = int(rng.integers(-fill.shape[1] // 3, max(1, res - fill.shape[1] // 2)))
+            _paste_alpha(img, outline, top, left, dark, 0.96)
+            _paste_alpha(img, fill, top, left, white, 0.96)
 
 
 def _add_clutter(img: np.ndarray, rng: np.random.Generator, g: _Grid) -> None:
@@ -739,6 +751,27 @@ def _save_png(array: np.ndarray, mode: str, path: Path) -> None:
     Image.fromarray(array, mode=mode).save(path, format="PNG", compress_level=1)
 
 
+def ground_truth_scores(root: str | os.PathLike, round_index: int = 1, *, error_rate: float = 0.0,
+                        seed: int = 0) -> dict[str, float]:
+    """What an oracle LMM would score the candidates of IDR round ``round_index`` (for tests and demos).
+
+    The candidates are the train samples kept after round k-1. A ``good`` sample scores 4 or 5, a
+    planted low-quality one 1 to 3; ``error_rate`` flips that judgement for a random share of them.
+    Write the result with :func:`~diffusers_product2img.data.layout.write_round_scores`.
+    """
+    lay = layout.EPBDLayout(root)
+    if "quality" not in lay.extra_columns:
+        raise layout.EPBDLayoutError("no 'quality' column: ground-truth scores need EPBD-synth", path=root)
+    rng = np.random.default_rng((seed, int(round_index)))
+    scores = {}
+    for sid in lay.kept_ids(int(round_index) - 1):
+        good = lay.by_id[sid].extra["quality"] == "good"
+        if rng.random() < error_rate:
+            good = not good
+        scores[sid] = float(rng.integers(4, 6)) if good else float(rng.integers(1, 4))
+    return scores
+
+
 # ----------------------------------------------------------------------------------------------
 # Fixed procedural judges: scene classifier and defect detectors
 # ----------------------------------------------------------------------------------------------
@@ -770,15 +803,7 @@ def _background_weights(shape: tuple[int, int], product_mask, dilate: int = 2) -
             m = m / 255.0
     if m.shape != shape:
         raise ValueError(f"product_mask has shape {m.shape}, the image {shape}")
-    prod = m > 0.02
-    for _ in range(dilate):
-        grown = prod.copy()
-        grown[1:] |= prod[:-1]
-        grown[:-1] |= prod[1:]
-        grown[:, 1:] |= prod[:, :-1]
-        grown[:, :-1] |= prod[:, 1:]
-        prod = grown
-    return ~prod
+    return ~_dilate(m > 0.02, max(dilate, dilate * shape[0] // 64))
 
 
 def _smoothstep(x: float, lo: float, hi: float) -> float:
@@ -794,7 +819,7 @@ def _region_median(img: np.ndarray, keep: np.ndarray, y0: float, y1: float) -> n
     h = img.shape[0]
     a, b = int(round(y0 * h)), max(int(round(y1 * h)), int(round(y0 * h)) + 1)
     sel = keep[a:b]
-    if sel.sum() < max(4, sel.size // 10):
+    if sel.sum() < max(4, sel.size // 50):
         return None
     return np.median(img[a:b][sel], axis=0) * 255.0
 
@@ -818,8 +843,14 @@ def classify_scene(image, product_mask=None) -> str:
     keep = _background_weights(img.shape[:2], product_mask, dilate=1)
     if _plain_white_fraction(img, keep) > 0.6:
         return "plain_white"
-    top = _region_median(img, keep, 0.0, 0.22)
-    bottom = _region_median(img, keep, 0.9, 1.0)
+    # Overlaid text and banners are near-white / near-black: no scene has those, leave them out,
+    # and the whole rows of a dark banner with them (its anti-aliased text would remain otherwise).
+    lum = img @ np.float32([0.299, 0.587, 0.114])
+    dark = lum < 0.1
+    banner_rows = (dark & keep).sum(axis=1) > 0.5 * np.maximum(keep.sum(axis=1), 1)
+    keep = keep & (lum < 0.93) & ~dark & ~banner_rows[:, None]
+    top = _region_median(img, keep, 0.0, 0.38)
+    bottom = _region_median(img, keep, 0.7, 1.0)
     if top is None or bottom is None:
         return "unknown"
     dist = np.linalg.norm(_PROTOTYPES - np.concatenate([top, bottom])[None], axis=1)
@@ -827,6 +858,41 @@ def classify_scene(image, product_mask=None) -> str:
     if dist[best] > _UNKNOWN_DISTANCE:
         return "unknown"
     return list(SCENES)[best]
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        grown = mask.copy()
+        grown[1:] |= mask[:-1]
+        grown[:-1] |= mask[1:]
+        grown[:, 1:] |= mask[:, :-1]
+        grown[:, :-1] |= mask[:, 1:]
+        mask = grown
+    return mask
+
+
+def _text_edge_density(img: np.ndarray, keep: np.ndarray) -> float:
+    """Near-white pixels right next to near-black ones (text, its shadow or banner), per image row.
+
+    Normalised by the side length so that it does not depend on the resolution (text edges are
+    lines: their pixel count grows with the side, not the area).
+    """
+    res = img.shape[0]
+    lum = img @ np.float32([0.299, 0.587, 0.114])
+    reach = max(1, res // 64)
+    bright = (lum > 0.85) & keep
+    dark = (lum < 0.25) & keep
+    count = (bright & _dilate(dark, reach)).sum()
+    return float(count) / (res * max(float(keep.mean()), 0.05) * reach)
+
+
+def _hue(rgb: np.ndarray) -> np.ndarray:
+    """Hue in [0, 1) of an (N, 3) float array."""
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    mx, mn = rgb.max(axis=1), rgb.min(axis=1)
+    d = np.maximum(mx - mn, 1e-6)
+    h = np.where(mx == r, (g - b) / d % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
+    return (h / 6.0) % 1.0
 
 
 def detect_defects(image, product_mask=None, category: str | None = None) -> dict[str, float]:
@@ -841,14 +907,14 @@ def detect_defects(image, product_mask=None, category: str | None = None) -> dic
     keep = _background_weights(img.shape[:2], product_mask, dilate=2)
     n = max(int(keep.sum()), 1)
     out = {"plain_white": _smoothstep(_plain_white_fraction(img, keep), 0.45, 0.75)}
-    lum = img @ np.float32([0.299, 0.587, 0.114])
-    bright, dark = lum > 0.85, lum < 0.25
-    pairs = ((bright[:, 1:] & dark[:, :-1]) | (dark[:, 1:] & bright[:, :-1])) & keep[:, 1:] & keep[:, :-1]
-    pairs_v = ((bright[1:] & dark[:-1]) | (dark[1:] & bright[:-1])) & keep[1:] & keep[:-1]
-    out["watermark"] = _smoothstep((pairs.sum() + pairs_v.sum()) / n, 0.003, 0.015)
+    out["watermark"] = _smoothstep(_text_edge_density(img, keep), 0.55, 1.2)
     mx, mn = img.max(axis=-1), img.min(axis=-1)
     sat = (mx - mn) / np.maximum(mx, 1e-6)
-    out["clutter"] = _smoothstep(float(((sat > 0.7) & (mx > 0.4) & keep).sum()) / n, 0.015, 0.05)
+    vivid = (sat > 0.7) & (mx > 0.4) & keep
+    # Clutter is many vivid objects of many hues; a product (when no mask hides it) has one or two.
+    hue_bins = np.bincount((_hue(img[vivid]) * 12).astype(np.int64) % 12, minlength=12)
+    distinct_hues = int((hue_bins >= max(3, 0.002 * n)).sum())
+    out["clutter"] = _smoothstep(float(vivid.sum()) / n, 0.015, 0.05) * _smoothstep(distinct_hues, 2.0, 4.0)
     if category is not None:
         out["wrong_scene"] = float(classify_scene(img, product_mask) != category_scene(category))
     return out
