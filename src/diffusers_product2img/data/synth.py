@@ -693,8 +693,25 @@ def _plan(config: SynthConfig) -> list[dict]:
     return rows
 
 
+def _write_samples(root: str, rows: list[dict], config: SynthConfig) -> list[dict]:
+    """Render and write some planned samples; returns their metadata records (in order)."""
+    tmp = Path(root)
+    records = []
+    for row in rows:
+        sample = render_sample(row["category"], row["quality"],
+                               seed=(config.seed, _SPLIT_INDEX[row["split"]], row["index"]),
+                               resolution=config.resolution)
+        _save_png(sample["image"], "RGB", tmp / layout.default_image_path(row["id"]))
+        _save_png(sample["cutout"], "RGBA", tmp / layout.default_cutout_path(row["id"]))
+        if config.write_masks:
+            _save_png(sample["cutout"][..., 3], "L", tmp / layout.default_mask_path(row["id"]))
+        records.append({"id": row["id"], "product_name": sample["product_name"], "category": row["category"],
+                        "split": row["split"], "quality": sample["quality"], "scene": sample["scene"]})
+    return records
+
+
 def generate_epbd_synth(output_dir: str | os.PathLike, config: SynthConfig | None = None, *,
-                        overwrite: bool = False, **overrides) -> Path:
+                        overwrite: bool = False, num_workers: int = 1, **overrides) -> Path:
     """Generate EPBD-synth in the raw EPBD layout and return its root.
 
     Args:
@@ -702,6 +719,8 @@ def generate_epbd_synth(output_dir: str | os.PathLike, config: SynthConfig | Non
         config: a :class:`SynthConfig`; keyword ``overrides`` replace its fields
             (``generate_epbd_synth(out, seed=1, num_train=1000)``).
         overwrite: replace an existing ``output_dir``.
+        num_workers: processes rendering in parallel (the output is the same for any value: every
+            sample has its own random stream).
 
     The metadata has the EPBD columns ``id, product_name, category, split`` plus, for EPBD-synth
     only, ``quality`` (ground truth: ``good`` or a :data:`DEFECT_KINDS` entry) and ``scene`` (the
@@ -717,17 +736,16 @@ def generate_epbd_synth(output_dir: str | os.PathLike, config: SynthConfig | Non
     try:
         for sub in (layout.IMAGES_DIR, layout.CUTOUTS_DIR) + ((layout.MASKS_DIR,) if config.write_masks else ()):
             (tmp / sub).mkdir()
-        records = []
-        for row in _plan(config):
-            sample = render_sample(row["category"], row["quality"],
-                                   seed=(config.seed, _SPLIT_INDEX[row["split"]], row["index"]),
-                                   resolution=config.resolution)
-            _save_png(sample["image"], "RGB", tmp / layout.default_image_path(row["id"]))
-            _save_png(sample["cutout"], "RGBA", tmp / layout.default_cutout_path(row["id"]))
-            if config.write_masks:
-                _save_png(sample["cutout"][..., 3], "L", tmp / layout.default_mask_path(row["id"]))
-            records.append({"id": row["id"], "product_name": sample["product_name"], "category": row["category"],
-                            "split": row["split"], "quality": sample["quality"], "scene": sample["scene"]})
+        plan = _plan(config)
+        if num_workers > 1 and len(plan) > 64:
+            from concurrent.futures import ProcessPoolExecutor
+
+            chunks = [plan[i : i + 256] for i in range(0, len(plan), 256)]
+            with ProcessPoolExecutor(num_workers) as pool:
+                parts = pool.map(_write_samples, [str(tmp)] * len(chunks), chunks, [config] * len(chunks))
+                records = [r for part in parts for r in part]
+        else:
+            records = _write_samples(str(tmp), plan, config)
         layout.write_metadata(tmp, records, extra_columns=("quality", "scene"))
         layout.write_info(tmp, {
             "name": "EPBD-synth",
