@@ -198,7 +198,9 @@ def _cuda_available() -> bool:
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands contributed by the package's other modules (datasets, metrics, benchmarks)."""
-    return []
+    from . import baselines
+
+    return [baselines.register_commands]
 
 
 def main(argv: list[str] | None = None) -> int:
