@@ -96,6 +96,15 @@ def test_deterministic_from_seed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
+def test_parallel_workers_write_the_same_bytes(tmp_path):
+    kw = dict(seed=4, resolution=32, num_train=70, num_validation=2, num_test=2, num_test_unseen=2)
+    a = synth.generate_epbd_synth(tmp_path / "a", **kw)
+    b = synth.generate_epbd_synth(tmp_path / "b", num_workers=2, **kw)
+    files = [str(p.relative_to(a)) for p in a.rglob("*") if p.is_file()]
+    match, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    assert len(match) == len(files) == 2 * 76 + 2 and not mismatch and not errors
+
+
 def test_config_options_and_errors(tmp_path):
     root = synth.generate_epbd_synth(tmp_path / "r", num_train=10, num_validation=0, num_test=0, num_test_unseen=0,
                                      resolution=128, low_quality_rate=0.0, num_train_categories=3,
