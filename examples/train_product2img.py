@@ -50,6 +50,7 @@ Pass an existing Product2Img folder as ``--pretrained_model_name_or_path`` to co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -210,6 +211,37 @@ def _is_raw_epbd(path: Path) -> bool:
     )
 
 
+def exported_epbd_dir(args) -> Path:
+    """Where a raw ``--train_data_dir`` is exported to (Parquet), keyed by its path and contents' stamps.
+
+    Kept under ``--cache_dir`` (default: the Hugging Face cache), so IDR rounds reuse one export, and
+    its datasets fingerprint, hence the feature cache, stays the same from round to round.
+    """
+    raw = Path(args.train_data_dir).resolve()
+    stamps = [str(raw)]
+    for p in sorted([*raw.glob("metadata.*"), *raw.glob("epbd.json"), *(raw / "scores").glob("*")]):
+        st = p.stat()
+        stamps.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+    key = hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]
+    root = Path(args.cache_dir) if args.cache_dir else Path(default_cache_root()).parent
+    return root / "epbd_exports" / f"{raw.name}-{key}"
+
+
+def resolve_train_data_dir(args, accelerator) -> Path:
+    """``--train_data_dir`` as an exported EPBD folder (a raw layout is exported once, by the main process)."""
+    path = Path(args.train_data_dir)
+    if not _is_raw_epbd(path):
+        return path
+    from diffusers_product2img.data import export_epbd
+
+    exported = exported_epbd_dir(args)
+    if accelerator.is_main_process and not (exported / "README.md").exists():
+        logger.info(f"exporting the raw EPBD folder {path} to {exported}")
+        export_epbd(path, exported, overwrite=exported.exists())
+    accelerator.wait_for_everyone()
+    return exported
+
+
 def load_train_dataset(args, accelerator):
     """The training split as a ``datasets.Dataset`` (EPBD schema)."""
     import datasets
@@ -217,15 +249,7 @@ def load_train_dataset(args, accelerator):
     from diffusers_product2img.data import load_epbd
 
     if args.train_data_dir:
-        path = Path(args.train_data_dir)
-        if _is_raw_epbd(path):
-            from diffusers_product2img.data import export_epbd
-
-            exported = Path(args.output_dir) / ".epbd_export"
-            if accelerator.is_main_process and not (exported / "README.md").exists():
-                export_epbd(path, exported)
-            accelerator.wait_for_everyone()
-            path = exported
+        path = resolve_train_data_dir(args, accelerator)
         return load_epbd(path, args.dataset_config_name, split=args.train_split, cache_dir=args.cache_dir)
     if args.dataset_name:
         return datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.train_split,
@@ -291,7 +315,7 @@ def load_validation_rows(args, train_rows) -> list[dict]:
         if args.train_data_dir:
             from diffusers_product2img.data import load_epbd
 
-            path = Path(args.output_dir) / ".epbd_export" if _is_raw_epbd(Path(args.train_data_dir)) else args.train_data_dir
+            path = exported_epbd_dir(args) if _is_raw_epbd(Path(args.train_data_dir)) else args.train_data_dir
             split = load_epbd(path, None, split=args.validation_split, cache_dir=args.cache_dir)
         elif args.dataset_name:
             import datasets
@@ -733,6 +757,30 @@ def save_output(args, accelerator, pipe, unet, text_encoder, projection, schedul
     )
     if args.push_to_hub:
         push_output_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private or None)
+
+
+def round_trainer(base_args: list[str]):
+    """A ``TrainRound`` for ``diffusers_product2img.idr.rounds``: round i trains from round i-1's folder.
+
+    ``base_args`` are this script's flags shared by all rounds (data, CLIP model, batch size, ...);
+    each round adds ``--train_ids_file`` (the kept ids, written to ``<output_dir>/train_ids.txt``),
+    ``--max_train_steps``, ``--output_dir`` and, from round 2 on, ``--pretrained_model_name_or_path``.
+    The feature cache and the exported EPBD are shared by all rounds (keyed on the full train split).
+    """
+
+    def train_round(round_index: int, kept_ids: list[str], init_model: str | None, steps: int, output_dir) -> Path:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ids_file = output_dir / "train_ids.txt"
+        ids_file.write_text("\n".join(map(str, kept_ids)) + "\n", encoding="utf-8")
+        extra = ["--train_ids_file", str(ids_file), "--max_train_steps", str(steps), "--output_dir", str(output_dir)]
+        if init_model is not None:
+            extra += ["--pretrained_model_name_or_path", str(init_model)]
+        logging.getLogger(__name__).info(
+            f"IDR round {round_index}: {len(kept_ids)} samples, {steps} steps, from {init_model or 'the base model'}")
+        return Path(train(parse_args([*map(str, base_args), *extra])))
+
+    return train_round
 
 
 def main(args=None):

@@ -27,26 +27,13 @@ def make_epbd_synth(root: Path, num_train: int = 16) -> Path:
 
 
 def epbd_train_dataset(root: Path):
-    """The train split of a raw EPBD(-synth) folder as a datasets.Dataset in the EPBD schema."""
-    import datasets
-    from PIL import Image
+    """The train split of a raw EPBD(-synth) folder, exported next to it and loaded with load_epbd."""
+    from diffusers_product2img.data import export_epbd, load_epbd
 
-    from diffusers_product2img.data.layout import EPBDLayout
-
-    layout = EPBDLayout(root)
-    features = datasets.Features({
-        "id": datasets.Value("string"), "product_name": datasets.Value("string"),
-        "category": datasets.Value("string"), "image": datasets.Image(), "cutout": datasets.Image(),
-        "mask": datasets.Image(),
-    })
-    rows = []
-    for s in layout.split_samples("train"):
-        cutout = Image.open(root / s.cutout_file)
-        cutout.load()
-        rows.append({"id": s.id, "product_name": s.product_name, "category": s.category,
-                     "image": Image.open(root / s.image_file).convert("RGB"), "cutout": cutout,
-                     "mask": cutout.getchannel("A")})
-    return datasets.Dataset.from_list(rows, features=features)
+    exported = root.with_name(root.name + "-export")
+    if not (exported / "README.md").exists():
+        export_epbd(root, exported)
+    return load_epbd(exported, None, split="train")
 
 
 def base_args(inpainting_dir, clip_dir, output_dir, *extra) -> list[str]:

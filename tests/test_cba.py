@@ -20,6 +20,15 @@ from diffusers_product2img.cba import (
 R2 = math.sqrt(2.0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny tensors: one thread avoids OpenMP spin-waiting on shared CPU cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def nll(logits, i):
     """-log softmax(logits)[i], written out."""
     return -math.log(math.exp(logits[i]) / sum(math.exp(v) for v in logits))

@@ -55,6 +55,15 @@ def clip_dir(tmp_path_factory):
     return save_tiny_clip_model(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The runs are tiny: one thread avoids OpenMP spin-waiting when the CPU cores are shared (10x here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     # Several in-process runs: accelerate keeps process-wide singletons.
@@ -262,7 +271,7 @@ def test_training_reduces_the_loss_moves_only_the_right_parameters(script, tiny_
     out = run_training(script, base_args(
         tiny_inpainting_dir, clip_dir, tmp_path / "out", "--max_train_steps", 6, "--learning_rate", 1e-3,
         "--text_encoder_learning_rate", 1e-4, "--projection_learning_rate", 3e-3, "--lr_scheduler", "constant",
-        "--num_validation_products", 2, "--validation_inference_steps", 2,
+        "--num_validation_products", 2, "--validation_inference_steps", 1,
     ), train_ds, step_callback=lambda step, step_logs: logs.setdefault(step, step_logs))
     # learning rates per group are what the flags say
     assert logs[1]["lr/unet"] == logs[1]["lr/token_embedding"] == 1e-3
@@ -299,6 +308,32 @@ def test_training_reduces_the_loss_moves_only_the_right_parameters(script, tiny_
 
     generic = DiffusionPipeline.from_pretrained(out, custom_pipeline=str(out), trust_remote_code=True)
     assert type(generic).__name__ == "Product2ImgPipeline"
+
+
+def test_raw_epbd_folder_ids_file_and_idr_rounds(script, tiny_inpainting_dir, clip_dir, synth_root, train_ds, tmp_path):
+    """--train_data_dir on a raw EPBD-synth folder, --train_ids_file, and the IDR round adapter: round 2
+    starts from round 1's folder (with lr 0 it must come out identical, projection included)."""
+    kept = list(train_ds["id"])[:8]
+    common = ["--train_data_dir", synth_root, "--cache_dir", tmp_path / "cache", "--num_validation_products", 1,
+              "--validation_inference_steps", 1, "--use_feature_cache", "--feature_cache_dir", tmp_path / "features"]
+    train_round = script.round_trainer(base_args(tiny_inpainting_dir, clip_dir, "unused", *common))
+    out1 = train_round(1, kept, None, 1, tmp_path / "round-1")
+    assert (out1 / "train_ids.txt").read_text().split() == kept
+    from diffusers_product2img.data import load_epbd
+
+    (exported,) = list((tmp_path / "cache" / "epbd_exports").iterdir())
+    first_validation = load_epbd(exported, None, split="validation")[0]["product_name"]
+    assert first_validation in (out1 / "README.md").read_text()  # validated on the validation split
+    zero_lr = script.round_trainer(base_args(tiny_inpainting_dir, clip_dir, "unused", *common, "--learning_rate", 0,
+                                             "--text_encoder_learning_rate", 0, "--adam_weight_decay", 0))
+    out2 = zero_lr(2, kept[:4], str(out1), 1, tmp_path / "round-2")
+    assert_same_weights(state(out2), state(out1), atol=0)
+    assert len(list((tmp_path / "features").iterdir())) == 1  # one cache (full train split) for both rounds
+    assert len(list((tmp_path / "cache" / "epbd_exports").iterdir())) == 1  # one export for both rounds
+    with pytest.raises(ValueError, match="not in the training data"):
+        (tmp_path / "ids.txt").write_text("nope\n")
+        run_training(script, base_args(tiny_inpainting_dir, clip_dir, tmp_path / "x", *common, "--train_ids_file",
+                                       tmp_path / "ids.txt"), None)
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +411,7 @@ def test_lora_mode_saves_adapters_that_load_back(script, tiny_inpainting_dir, cl
     out = run_training(script, base_args(
         tiny_inpainting_dir, clip_dir, tmp_path / "lora", "--max_train_steps", 2, "--use_lora", "--text_encoder_lora",
         "--lora_rank", 4, "--learning_rate", 1e-2, "--text_encoder_learning_rate", 1e-2,
-        "--num_validation_products", 2, "--validation_inference_steps", 2, "--validation_guidance_scale", 1.0,
+        "--num_validation_products", 2, "--validation_inference_steps", 1, "--validation_guidance_scale", 1.0,
     ), train_ds, step_callback=lambda s, step_logs: logs.setdefault(s, step_logs))
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("unet.") for k in lora) and any(k.startswith("text_encoder.") for k in lora)
@@ -391,7 +426,7 @@ def test_lora_mode_saves_adapters_that_load_back(script, tiny_inpainting_dir, cl
     assert torch.equal(e0[rows], e1[rows]) and not torch.equal(e0[bg], e1[bg])
     pipe.load_lora_weights(out)
     pipe.set_progress_bar_config(disable=True)
-    args = script.parse_args(base_args("x", "y", out, "--validation_inference_steps", 2, "--validation_guidance_scale", 1.0))
+    args = script.parse_args(base_args("x", "y", out, "--validation_inference_steps", 1, "--validation_guidance_scale", 1.0))
     rows = [train_ds[i] for i in range(2)]  # the first training products (no validation split given)
     images = script.generate_validation_images(pipe, rows, args)
     grid = np.asarray(script.validation_grid(rows, images, args), dtype=np.int16)
