@@ -197,9 +197,6 @@ def parse_args(input_args=None):
     parser.add_argument("--hub_private", action="store_true")
 
     args = parser.parse_args(input_args)
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank not in (-1, getattr(args, "local_rank", env_local_rank)):
-        args.local_rank = env_local_rank
     if args.text_encoder_lora and not args.use_lora:
         parser.error("--text_encoder_lora needs --use_lora")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:

@@ -396,10 +396,17 @@ def test_training_from_the_feature_cache_equals_training_from_images(script, ref
 
 
 def test_no_cba_trains_the_epbd_ft_baseline(script, tiny_inpainting_dir, clip_dir, train_ds, tmp_path):
+    row = train_ds[3]
+    row["cutout"].save(tmp_path / "mug.png")
+    (tmp_path / "products.jsonl").write_text(json.dumps({"product_name": "Matte Black Mug", "cutout": "mug.png"}) + "\n")
     logs = {}
     out = run_training(script, base_args(tiny_inpainting_dir, clip_dir, tmp_path / "ft", "--max_train_steps", 1,
-                                         "--no_cba", "--clip_model_name_or_path", "does/not-exist"),
+                                         "--no_cba", "--clip_model_name_or_path", "does/not-exist",
+                                         "--validation_products", tmp_path / "products.jsonl",
+                                         "--num_validation_products", 4, "--validation_inference_steps", 1),
                        train_ds, step_callback=lambda s, step_logs: logs.setdefault(s, step_logs))
+    assert "Validation products: Matte Black Mug." in (out / "README.md").read_text()
+    assert Image.open(out / "validation_grid.png").size == (64, 128)
     assert "loss_cba_background" not in logs[1] and logs[1]["loss"] == logs[1]["loss_inpaint"]
     assert "lr/cba_projection" not in logs[1]
     assert not (out / CBA_PROJECTION_DIR).exists() and (out / "model_index.json").exists()
