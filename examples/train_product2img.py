@@ -56,6 +56,7 @@ Pass an existing Product2Img folder as ``--pretrained_model_name_or_path`` to co
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -87,6 +88,8 @@ from diffusers_product2img.cba import (
     load_clip_image_encoder,
 )
 from diffusers_product2img.data.preprocessing import prepare_example
+from diffusers_product2img.idr.rounds import IDRConfig, parse_round_steps
+from diffusers_product2img.idr.scorer import add_scorer_args
 from diffusers_product2img.pipeline_product2img import DEFAULT_INPAINTING_MODEL
 from diffusers_product2img.training import (
     CBAConfig,
@@ -193,10 +196,32 @@ def parse_args(input_args=None):
     parser.add_argument("--logging_dir", type=str, default="logs")
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
     parser.add_argument("--hub_private", action="store_true")
+    parser.add_argument("--hub_dataset_id", type=str, default=None,
+                        help="With --idr_rounds and --push_to_hub: the dataset repo that gets each round's EPBD config.")
+    # IDR-LMM (paper 4.4, Algorithm 1)
+    parser.add_argument("--idr_rounds", type=int, default=0,
+                        help="Rounds of IDR-LMM (paper: 3). 0 trains once on the given data.")
+    parser.add_argument("--round_steps", type=str, default="3000,1000,1000",
+                        help="Training steps of each IDR round (comma-separated; one value for every round).")
+    parser.add_argument("--no_idr", action="store_true",
+                        help="The paper's Table 3 control: train sum(--round_steps) steps on the unfiltered set.")
+    add_scorer_args(parser)  # --lmm_model, --lmm_base_url, ..., --gamma, prompt overrides; key from the env only
 
     args = parser.parse_args(input_args)
+    if args.idr_rounds < 0:
+        parser.error("--idr_rounds must be >= 0")
+    if args.idr_rounds and args.no_idr:
+        parser.error("--no_idr is the control run without rounds; drop --idr_rounds")
+    if args.idr_rounds and not args.lmm_model:
+        parser.error("--idr_rounds needs --lmm_model (e.g. gpt-4o-2024-08-06, or Qwen/Qwen2.5-VL-7B-Instruct with "
+                     "--lmm_base_url http://localhost:8000/v1)")
+    if args.idr_rounds or args.no_idr:
+        try:
+            args.round_steps = parse_round_steps(args.round_steps)
+            IDRConfig(rounds=args.idr_rounds or len(args.round_steps), round_steps=args.round_steps)
+        except ValueError as err:
+            parser.error(f"--round_steps: {err}")
     if args.text_encoder_lora and not args.use_lora:
         parser.error("--text_encoder_lora needs --use_lora")
     if args.train_batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -223,7 +248,9 @@ def exported_epbd_dir(args) -> Path:
     """
     raw = Path(args.train_data_dir).resolve()
     stamps = [str(raw)]
-    for p in sorted([*raw.glob("metadata.*"), *raw.glob("epbd.json"), *(raw / "scores").glob("*")]):
+    # Score files are left out: IDR rounds add configs to this one export (add_round_config) instead
+    # of re-exporting, so the dataset fingerprint and the feature cache stay valid across rounds.
+    for p in sorted([*raw.glob("metadata.*"), *raw.glob("epbd.json")]):
         st = p.stat()
         stamps.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
     key = hashlib.sha256("|".join(stamps).encode()).hexdigest()[:16]
@@ -759,37 +786,142 @@ def save_output(args, accelerator, pipe, unet, text_encoder, projection, schedul
         repo_id=args.hub_model_id,
     )
     if args.push_to_hub:
-        push_output_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private or None)
+        push_output_to_hub(output_dir, args.hub_model_id, private=args.hub_private or None)  # token: HF_TOKEN
 
 
-def round_trainer(base_args: list[str]):
+def round_trainer(base_args: list[str] | argparse.Namespace):
     """A ``TrainRound`` for ``diffusers_product2img.idr.rounds``: round i trains from round i-1's folder.
 
-    ``base_args`` are this script's flags shared by all rounds (data, CLIP model, batch size, ...);
-    each round adds ``--train_ids_file`` (the kept ids, written to ``<output_dir>/train_ids.txt``),
-    ``--max_train_steps``, ``--output_dir`` and, from round 2 on, ``--pretrained_model_name_or_path``.
-    The feature cache and the exported EPBD are shared by all rounds (keyed on the full train split).
+    ``base_args`` are this script's flags shared by all rounds (data, CLIP model, batch size, ...),
+    as a list of strings or parsed; each round sets ``--train_ids_file`` (the kept ids, written to
+    ``<output_dir>/train_ids.txt``), ``--max_train_steps``, ``--output_dir`` and, from round 2 on,
+    ``--pretrained_model_name_or_path``. The feature cache and the exported EPBD are shared by all
+    rounds (keyed on the full train split).
     """
+    if not isinstance(base_args, argparse.Namespace):
+        base_args = parse_args([str(a) for a in base_args])
 
     def train_round(round_index: int, kept_ids: list[str], init_model: str | None, steps: int, output_dir) -> Path:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         ids_file = output_dir / "train_ids.txt"
         ids_file.write_text("\n".join(map(str, kept_ids)) + "\n", encoding="utf-8")
-        extra = ["--train_ids_file", str(ids_file), "--max_train_steps", str(steps), "--output_dir", str(output_dir)]
+        args = copy.deepcopy(base_args)
+        args.train_ids_file, args.max_train_steps, args.output_dir = str(ids_file), int(steps), str(output_dir)
+        args.num_train_epochs, args.idr_rounds, args.push_to_hub = None, 0, False  # rounds publish themselves
         if init_model is not None:
-            extra += ["--pretrained_model_name_or_path", str(init_model)]
+            args.pretrained_model_name_or_path = str(init_model)
         logging.getLogger(__name__).info(
             f"IDR round {round_index}: {len(kept_ids)} samples, {steps} steps, from {init_model or 'the base model'}")
-        return Path(train(parse_args([*map(str, base_args), *extra])))
+        return Path(train(args))
 
     return train_round
+
+
+def idr_round_card(rec, total_train: int, validation_grid: str | None) -> str:
+    """The IDR section of a round's model card: round, data kept, the feedback used for selection."""
+    lines = [
+        "", f"## IDR-LMM round {rec.round}", "",
+        f"- Training samples kept: **{rec.kept}** of {rec.candidates} scored in this round "
+        f"({total_train} in the full train split); {rec.failed} LMM scores failed and were not kept.",
+        f"- Steps this round: {rec.steps}. Score histogram (1-5): {rec.score_histogram}.",
+        "- Feedback used to sharpen this round's selection (f_{i-1}): "
+        + (f"\n\n  > {rec.feedback_used}" if rec.feedback_used else "none (first round)."),
+        "- Feedback from this round's validation outputs (f_i): "
+        + (f"\n\n  > {rec.feedback}" if rec.feedback else "none."),
+    ]
+    if validation_grid:
+        lines += ["", f"![validation outputs of round {rec.round}]({validation_grid})"]
+    return "\n".join(lines) + "\n"
+
+
+def run_idr_training(args) -> Path:
+    """Algorithm 1 end to end: LMM selection, training, evaluation and feedback for ``--idr_rounds``.
+
+    The round logic lives in ``diffusers_product2img.idr.rounds``; this function wires it to this
+    script's training, to the LMM scorer, to the EPBD export (one ``idr_round_<i>`` config per round)
+    and to the Hub (branch ``round-<i>`` per round, ``main`` = latest). Resumable: run it again with
+    the same flags after a crash.
+    """
+    from accelerate import PartialState
+
+    from diffusers_product2img.data.export import add_round_config, read_manifest
+    from diffusers_product2img.data.layout import EPBDLayout, round_config_name
+    from diffusers_product2img.idr.hub import RoundPublisher
+    from diffusers_product2img.idr.rounds import data_size_plot, round_summary_rows, run_idr
+    from diffusers_product2img.idr.scorer import (
+        OpenAICompatibleScorer,
+        prompts_from_args,
+        scorer_config_from_args,
+    )
+
+    raw = Path(args.train_data_dir or "")
+    if not _is_raw_epbd(raw):
+        raise ValueError("--idr_rounds needs --train_data_dir pointing at a raw EPBD folder (metadata.csv, images/, "
+                         "cutouts/): each round's LMM scores are written into its scores/ folder")
+    state = PartialState()
+    work = Path(args.output_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    config = IDRConfig(rounds=args.idr_rounds, round_steps=args.round_steps, gamma=args.gamma,
+                       validation_limit=args.num_validation_products or None)
+    total_train = len(EPBDLayout(raw).split_samples("train"))
+    publisher = RoundPublisher(args.hub_model_id, args.hub_dataset_id, private=args.hub_private or None) \
+        if args.push_to_hub else None
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
+    prompts, examples = prompts_from_args(args)
+    scorer = OpenAICompatibleScorer(scorer_config_from_args(args), store=work / "lmm_results.jsonl",
+                                    prompts=prompts, examples=examples) if state.is_main_process else None
+
+    def generate_validation(model_dir: Path, samples) -> list[Image.Image]:
+        pipe = Product2ImgPipeline.from_pretrained(model_dir).to(state.device)
+        pipe.set_progress_bar_config(disable=True)
+        rows = [{"product_name": s.product_name, "image": Image.open(raw / s.image_file),
+                 "cutout": Image.open(raw / s.cutout_file)} for s in samples]
+        return generate_validation_images(pipe, rows, args)
+
+    def on_round_end(rec, idr_state) -> dict:
+        export_dir = exported_epbd_dir(args)
+        name = round_config_name(rec.round)
+        if export_dir.exists() and name not in read_manifest(export_dir)["configs"]:
+            add_round_config(export_dir, raw, rec.round)
+        grid = Path(rec.model_dir) / "validation_grid.png"
+        card = Path(rec.model_dir) / "README.md"
+        if card.exists() and f"## IDR-LMM round {rec.round}" not in card.read_text(encoding="utf-8"):
+            text = card.read_text(encoding="utf-8") + idr_round_card(rec, total_train, grid.name if grid.exists() else None)
+            tmp = card.with_name(".README.md.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, card)
+        data_size_plot(idr_state, work / "idr_rounds.png", total_train=total_train)
+        summary = work / "idr_rounds.json"
+        summary.with_name(".idr_rounds.json.tmp").write_text(json.dumps(round_summary_rows(idr_state), indent=2))
+        os.replace(summary.with_name(".idr_rounds.json.tmp"), summary)
+        logger.info(f"IDR round {rec.round}: {rec.kept}/{rec.candidates} kept; feedback: {rec.feedback}")
+        if publisher is not None:
+            publisher.publish_model(rec.round, rec.model_dir)
+            if export_dir.exists():
+                publisher.publish_dataset_config(export_dir, name)
+        return {"export_dir": str(export_dir) if export_dir.exists() else None}
+
+    try:
+        final = run_idr(
+            config, data_root=raw, scorer=scorer, train_round=round_trainer(args),
+            generate_validation=generate_validation, work_dir=work, init_model=None, on_round_end=on_round_end,
+            is_main_process=state.is_main_process, wait_for_everyone=state.wait_for_everyone,
+        )
+    finally:
+        if scorer is not None:
+            scorer.close()
+    return Path(final.rounds[config.rounds].model_dir)
 
 
 def main(args=None):
     from accelerate import PartialState
 
-    output_dir = train(args if args is not None else parse_args())
+    args = args if args is not None else parse_args()
+    if args.no_idr:  # Table 3's control: the same total steps, every train sample
+        args.max_train_steps, args.num_train_epochs = sum(args.round_steps), None
+    output_dir = run_idr_training(args) if args.idr_rounds else train(args)
     PartialState().destroy_process_group()
     return output_dir
 

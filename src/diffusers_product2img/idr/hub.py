@@ -94,14 +94,13 @@ class RoundPublisher:
         self._ensure_repo(self.model_repo, "model")
         self._retry(f"create branch {branch}", lambda: self.api.create_branch(
             self.model_repo, branch=branch, repo_type="model", exist_ok=True))
+        from ..training.model_card import OUTPUT_IGNORE_PATTERNS
+
         message = f"IDR-LMM round {round_index}"
-        self._retry(f"upload round {round_index} to {branch}", lambda: self.api.upload_folder(
-            repo_id=self.model_repo, folder_path=str(model_dir), repo_type="model", revision=branch,
-            commit_message=message))
-        if update_main:
-            self._retry(f"upload round {round_index} to main", lambda: self.api.upload_folder(
-                repo_id=self.model_repo, folder_path=str(model_dir), repo_type="model", revision="main",
-                commit_message=f"{message} (latest)"))
+        for revision, text in [(branch, message)] + ([("main", f"{message} (latest)")] if update_main else []):
+            self._retry(f"upload round {round_index} to {revision}", lambda r=revision, t=text: self.api.upload_folder(
+                repo_id=self.model_repo, folder_path=str(model_dir), repo_type="model", revision=r,
+                commit_message=t, ignore_patterns=OUTPUT_IGNORE_PATTERNS))
         return branch
 
     def publish_dataset_config(self, exported_dir: str | os.PathLike, config_name: str) -> None:

@@ -157,6 +157,8 @@ def run_idr(
     work_dir: str | os.PathLike,
     init_model: str | None = None,
     on_round_end: Callable[[RoundRecord, IDRState], dict | None] | None = None,
+    is_main_process: bool = True,
+    wait_for_everyone: Callable[[], None] = lambda: None,
 ) -> IDRState:
     """Run (or resume) IDR-LMM for ``config.rounds`` rounds.
 
@@ -171,6 +173,10 @@ def run_idr(
         on_round_end: called after each round's evaluation (exporting the round config, metrics,
             Hub pushes, plots); it may return a dict stored in the round's ``extra``. It runs again
             on resume until it has returned once, so it must be idempotent.
+        is_main_process / wait_for_everyone: under a multi-process launcher every process calls
+            ``run_idr``; the LMM stages, validation and publishing run on the main process only,
+            training on all of them, and every stage ends with a barrier after which all processes
+            re-read the state file.
     Returns:
         the final :class:`IDRState`.
     """
@@ -190,7 +196,7 @@ def run_idr(
         feedback_prev = previous.feedback if previous else None
 
         # 1. Data selection (eq. 8)
-        if not state.done(i, "selected"):
+        if not state.done(i, "selected") and is_main_process:
             lay = EPBDLayout(data_root)
             candidates = [lay.by_id[sid] for sid in lay.kept_ids(i - 1)]
             logger.info("IDR round %d: scoring %d samples", i, len(candidates))
@@ -222,6 +228,7 @@ def run_idr(
             logger.info("IDR round %d: kept %d of %d (failed %d)", i, rec.kept, rec.candidates, rec.failed)
             if rec.kept == 0:
                 raise RuntimeError(f"round {i}: no sample reached gamma={config.gamma}; nothing to train on")
+        state, rec, previous = _sync(state_path, config, i, wait_for_everyone)
 
         # 2. Model training, from the previous round's model
         if not state.done(i, "trained"):
@@ -229,12 +236,14 @@ def run_idr(
             init = previous.model_dir if previous else model
             out = work_dir / f"round-{i}" / "model"
             model_dir = train_round(i, kept, init, config.round_steps[i - 1], out)
-            rec.model_dir = str(model_dir)
-            rec.stage = "trained"
-            state.save(state_path)
+            if is_main_process:
+                rec.model_dir = str(model_dir)
+                rec.stage = "trained"
+                state.save(state_path)
+        state, rec, previous = _sync(state_path, config, i, wait_for_everyone)
 
         # 3. Model evaluation and feedback (eq. 7)
-        if not state.done(i, "evaluated"):
+        if not state.done(i, "evaluated") and is_main_process:
             val_dir = work_dir / f"round-{i}" / "validation"
             val_dir.mkdir(parents=True, exist_ok=True)
             images = generate_validation(Path(rec.model_dir), validation)
@@ -258,14 +267,22 @@ def run_idr(
             logger.info("IDR round %d feedback: %s", i, rec.feedback)
 
         # 4. Publish (export the round config, push, plots): idempotent, retried on resume
-        if not state.done(i, "published"):
+        if not state.done(i, "published") and is_main_process:
             if on_round_end is not None:
                 extra = on_round_end(rec, state)
                 if extra:
                     rec.extra.update(extra)
             rec.stage = "published"
             state.save(state_path)
+        state, rec, previous = _sync(state_path, config, i, wait_for_everyone)
     return state
+
+
+def _sync(state_path: Path, config: IDRConfig, i: int, wait_for_everyone: Callable[[], None]):
+    """Barrier, then the state as the main process wrote it (a no-op re-read with one process)."""
+    wait_for_everyone()
+    state = IDRState.load_or_create(state_path, config)
+    return state, state.rounds.setdefault(i, RoundRecord(round=i, steps=config.round_steps[i - 1])), state.rounds.get(i - 1)
 
 
 def data_size_plot(state: IDRState, path: str | os.PathLike, total_train: int | None = None) -> Path:

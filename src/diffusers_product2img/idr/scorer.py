@@ -1352,33 +1352,41 @@ class OpenAICompatibleScorer(LMMScorer):
 
 def add_scorer_args(parser: argparse.ArgumentParser, prefix: str = "lmm") -> argparse.ArgumentParser:
     """Add ``--lmm-*`` options (model, server, throughput, prices) and the prompt overrides
-    ``--score-prompt``, ``--feedback-prompt``, ``--summarize-prompt``, ``--examples``."""
+    ``--score-prompt``, ``--feedback-prompt``, ``--summarize-prompt``, ``--examples``.
+
+    Every option also answers to its underscore spelling (``--lmm_model``, ``--lmm_base_url``), as
+    diffusers' training scripts spell their flags.
+    """
     g = parser.add_argument_group("LMM scorer (IDR-LMM)")
+
+    def add(name: str, **kwargs):
+        return g.add_argument(name, name.replace("-", "_").replace("__", "--", 1), **kwargs)
+
     p = f"--{prefix}-"
-    g.add_argument(f"{p}model", required=False, help=(
+    add(f"{p}model", required=False, help=(
         "LMM model name (required to score), e.g. gpt-4o-2024-08-06, gpt-4.1-mini, or a vLLM-served "
         "Qwen/Qwen2.5-VL-7B-Instruct"))
-    g.add_argument(f"{p}base-url", default=None, help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
-    g.add_argument(f"{p}api-key-env", default="OPENAI_API_KEY",
-                   help="name of the environment variable holding the API key (the key is never a flag)")
-    g.add_argument(f"{p}concurrency", type=int, default=16)
-    g.add_argument(f"{p}timeout", type=float, default=120.0)
-    g.add_argument(f"{p}temperature", type=lambda v: None if v.lower() == "none" else float(v), default=0.0,
-                   help="sampling temperature; 'none' to leave it out (reasoning models reject other values)")
-    g.add_argument(f"{p}max-retries", type=int, default=5)
-    g.add_argument(f"{p}image-detail", choices=["low", "high", "auto"], default="low")
-    g.add_argument(f"{p}image-max-side", type=int, default=512)
-    g.add_argument(f"{p}image-format", choices=["png", "jpeg"], default="png")
-    g.add_argument(f"{p}structured-output", choices=["json_schema", "json_object", "none"], default="json_schema")
-    g.add_argument(f"{p}no-cutout", dest=f"{prefix.replace('-', '_')}_send_cutout", action="store_false",
-                   help="send only the product image, not the cutout as a second image")
-    g.add_argument(f"{p}price-input", type=float, default=0.0, help="USD per 1M input tokens (for the estimate)")
-    g.add_argument(f"{p}price-output", type=float, default=0.0, help="USD per 1M output tokens")
-    g.add_argument(f"{p}retry-failed", action="store_true", help="re-send samples whose stored result is a failure")
+    add(f"{p}base-url", default=None, help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    add(f"{p}api-key-env", default="OPENAI_API_KEY",
+        help="name of the environment variable holding the API key (the key is never a flag)")
+    add(f"{p}concurrency", type=int, default=16)
+    add(f"{p}timeout", type=float, default=120.0)
+    add(f"{p}temperature", type=lambda v: None if v.lower() == "none" else float(v), default=0.0,
+        help="sampling temperature; 'none' to leave it out (reasoning models reject other values)")
+    add(f"{p}max-retries", type=int, default=5)
+    add(f"{p}image-detail", choices=["low", "high", "auto"], default="low")
+    add(f"{p}image-max-side", type=int, default=512)
+    add(f"{p}image-format", choices=["png", "jpeg"], default="png")
+    add(f"{p}structured-output", choices=["json_schema", "json_object", "none"], default="json_schema")
+    add(f"{p}no-cutout", dest=f"{prefix.replace('-', '_')}_send_cutout", action="store_false",
+        help="send only the product image, not the cutout as a second image")
+    add(f"{p}price-input", type=float, default=0.0, help="USD per 1M input tokens (for the estimate)")
+    add(f"{p}price-output", type=float, default=0.0, help="USD per 1M output tokens")
+    add(f"{p}retry-failed", action="store_true", help="re-send samples whose stored result is a failure")
     g.add_argument("--gamma", type=int, default=4, help="keep samples with score >= gamma (paper: 4)")
-    g.add_argument("--score-prompt", default=None, help="file replacing the shipped p_R (score.txt)")
-    g.add_argument("--feedback-prompt", default=None, help="file replacing the shipped p_F (feedback.txt)")
-    g.add_argument("--summarize-prompt", default=None, help="file replacing the shipped p_S (summarize.txt)")
+    add("--score-prompt", default=None, help="file replacing the shipped p_R (score.txt)")
+    add("--feedback-prompt", default=None, help="file replacing the shipped p_F (feedback.txt)")
+    add("--summarize-prompt", default=None, help="file replacing the shipped p_S (summarize.txt)")
     g.add_argument("--examples", default=None, help="JSON file of in-context examples c_R (default: EPBD-synth set)")
     return parser
 

@@ -143,6 +143,10 @@ def save_model_card(output_dir: str | os.PathLike, **kwargs) -> Path:
     return path
 
 
+#: What a training output folder holds that does not belong on the Hub (resumable state, logs).
+OUTPUT_IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", "validation/**", ".*"]
+
+
 def push_output_to_hub(
     output_dir: str | os.PathLike,
     repo_id: str,
@@ -162,5 +166,5 @@ def push_output_to_hub(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     return api.upload_folder(
         repo_id=repo_id, folder_path=str(output_dir), revision=revision, commit_message=commit_message,
-        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "logs/**", "validation/**", ".*"],
+        ignore_patterns=OUTPUT_IGNORE_PATTERNS,
     )
