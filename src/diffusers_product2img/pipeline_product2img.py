@@ -48,7 +48,13 @@ from .background_token import (
     save_learned_embeds,
     tokenize_product_names,
 )
-from .placement import composite_product, product_mask_from_alpha, to_product_mask, to_rgb
+from .placement import (
+    composite_product,
+    inpainting_condition,
+    product_mask_from_alpha,
+    to_product_mask,
+    to_rgb,
+)
 
 DEFAULT_INPAINTING_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"
 
@@ -468,8 +474,7 @@ class Product2ImgPipeline(
 
         # 5. Conditioning: inpainting mask (1 = generate) and the latents of the product-only image
         dtype = unet_text.dtype
-        inpaint_mask = (product_mask_t < 0.5).to(torch.float32)
-        masked_image = (original * 2.0 - 1.0) * (1.0 - inpaint_mask)
+        inpaint_mask, masked_image = inpainting_condition(original * 2.0 - 1.0, product_mask_t)
         masked_image_latents = self.encode_masked_image(masked_image.to(device=device, dtype=self.vae.dtype))
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         mask = F.interpolate(inpaint_mask, size=latent_size).to(device=device, dtype=dtype)

@@ -24,6 +24,7 @@ __all__ = [
     "to_product_mask",
     "place_cutout",
     "composite_product",
+    "inpainting_condition",
     "product_only_image",
     "background_only_image",
 ]
@@ -154,6 +155,18 @@ def composite_product(generated, original, product_mask):
     the cutout blends the two, which avoids the halo of a hard paste.
     """
     return product_mask * original + (1.0 - product_mask) * generated
+
+
+def inpainting_condition(pixel_values, product_mask):
+    """``(inpaint_mask, masked_pixel_values)``: what the 9-channel UNet is conditioned on.
+
+    The one definition shared by the pipeline and training. ``pixel_values`` is ``(B, 3, H, W)`` in
+    [-1, 1], ``product_mask`` ``(B, 1, H, W)`` in [0, 1] (1 = product). The inpainting mask is 1 where
+    the product mask is below 0.5 (generate there); the masked image keeps the product and sets the
+    rest to 0 (mid-grey), as SD-Inpainting was trained.
+    """
+    inpaint_mask = (product_mask < 0.5).to(pixel_values.dtype)
+    return inpaint_mask, pixel_values * (1.0 - inpaint_mask)
 
 
 def product_only_image(image: Image.Image, product_mask: Image.Image, fill: int = 255) -> Image.Image:

@@ -13,23 +13,9 @@ import torch
 
 from ..background_token import DEFAULT_BACKGROUND_TOKEN, tokenize_product_names
 from ..data.preprocessing import prepare_example, to_tensor
+from ..placement import inpainting_condition
 
 __all__ = ["Product2ImgCollator", "inpainting_condition"]
-
-
-def inpainting_condition(pixel_values: torch.Tensor, product_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inpaint_mask, masked_pixel_values)`` exactly as ``Product2ImgPipeline`` builds them.
-
-    Args:
-        pixel_values: ``(B, 3, H, W)`` in [-1, 1].
-        product_mask: ``(B, 1, H, W)`` in [0, 1], 1 = product.
-
-    Returns:
-        the inpainting mask (1 = generate: product mask < 0.5) and the product-only image in
-        [-1, 1] with the background set to 0 (what the pipeline encodes as ``masked_image_latents``).
-    """
-    inpaint_mask = (product_mask < 0.5).to(pixel_values.dtype)
-    return inpaint_mask, pixel_values * (1.0 - inpaint_mask)
 
 
 class Product2ImgCollator:
