@@ -319,3 +319,21 @@ def test_mask_helpers():
         product_mask_from_alpha(cutout.convert("RGB"))
     with pytest.raises(ValueError, match="fully transparent"):
         place_cutout(Image.new("RGBA", (8, 8), (0, 0, 0, 0)))
+
+
+def test_textual_inversion_mixin_loads_a_new_token_into_product_names(tiny_pipeline_dir, product, tmp_path):
+    from safetensors.torch import save_file
+
+    pipe = Product2ImgPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    vector = torch.randn(pipe.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    save_file({"<marble-style>": vector}, tmp_path / "style.safetensors")
+    pipe.load_textual_inversion(tmp_path / "style.safetensors")
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<marble-style>")
+    torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], vector)
+    ids = tokenize_product_names(pipe.tokenizer, "Matte Black Mug <marble-style>").input_ids[0].tolist()
+    assert token_id in ids and ids.index(token_id) < ids.index(pipe.tokenizer.convert_tokens_to_ids("<background>"))
+    image, mask = product
+    with_style = run(pipe, "Matte Black Mug <marble-style>", image, mask).images
+    without = run(pipe, "Matte Black Mug", image, mask).images
+    assert not np.allclose(with_style, without, atol=1e-4)
