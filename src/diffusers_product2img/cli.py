@@ -198,11 +198,13 @@ def _cuda_available() -> bool:
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands contributed by the package's other modules (datasets, metrics, benchmarks)."""
+    from . import evaluation
     from .baselines import commands as baseline_commands
     from .data import commands as data_commands
     from .metrics import commands as metric_commands
 
-    return [data_commands.register_commands, metric_commands.register_commands, baseline_commands.register_commands]
+    return [data_commands.register_commands, metric_commands.register_commands, evaluation.register_commands,
+            baseline_commands.register_commands]
 
 
 def main(argv: list[str] | None = None) -> int:
