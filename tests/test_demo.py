@@ -1,0 +1,200 @@
+"""The offline demo: its stand-in metrics, its report writer, and the whole run end to end (smoke mode).
+
+The end-to-end test runs ``--smoke``: the full pipeline (EPBD-synth, export, demo-world pretraining,
+3 IDR-LMM rounds against the simulated LMM through the real openai client, CBA training with the
+example script, w/o-IDR and w/o-CBA arms, evaluation, Table-1 harness, report) with the smallest
+sizes, so that it fits the test suite. ``--quick`` is the same code with larger sizes.
+"""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from diffusers_product2img.baselines import load_benchmark_samples  # noqa: E402
+from diffusers_product2img.data.layout import EPBDLayout  # noqa: E402
+from diffusers_product2img.data.synth import generate_epbd_synth, render_sample  # noqa: E402
+from diffusers_product2img.demo import standins  # noqa: E402
+from diffusers_product2img.demo.report import Report, fmt_mean_std, format_table, image_grid, mean_std  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth_test(tmp_path_factory):
+    root = generate_epbd_synth(tmp_path_factory.mktemp("synth") / "epbd", resolution=32, num_train=0,
+                               num_validation=0, num_test=16, num_test_unseen=0, num_unseen_categories=0)
+    return load_benchmark_samples(root, "test", resolution=32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stand-in metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def test_standins_on_the_real_images_are_perfect(synth_test):
+    refs = [s.reference for s in synth_test]
+    result = standins.standin_metrics(refs, refs, [s.product_image for s in synth_test],
+                                      [s.product_mask for s in synth_test], [s.category for s in synth_test])
+    m = result["metrics"]
+    assert m["SceneAcc"] == 1.0 and m["DefectRate"] == 0.0 and m["ExactPixel"] == 1.0
+    assert abs(m["FD-BG"]) < 1e-6
+    assert sum(result["scenes"].values()) == len(synth_test)
+
+
+def test_scene_accuracy_follows_the_category(synth_test):
+    # the same images judged against shuffled categories: only categories sharing a scene still hit
+    cats = [s.category for s in synth_test]
+    shuffled = cats[1:] + cats[:1]
+    hits = standins.scene_hits([s.reference for s in synth_test], [s.product_mask for s in synth_test], shuffled)
+    from diffusers_product2img.data.synth import category_scene
+
+    expected = [category_scene(a) == category_scene(b) for a, b in zip(cats, shuffled)]
+    assert [h["hit"] for h in hits] == expected and not all(expected)
+
+
+def test_defect_flags_see_the_planted_defects():
+    images, masks = [], []
+    for quality in ("good", "plain_white", "watermark", "clutter"):
+        s = render_sample("coffee_mug", quality, seed=(5, 1), resolution=64)
+        images.append(Image.fromarray(s["image"]))
+        masks.append(Image.fromarray(s["cutout"][..., 3]))
+    flags = standins.defect_flags(images, masks)
+    assert flags[0] == [] and "plain_white" in flags[1] and "watermark" in flags[2] and "clutter" in flags[3]
+
+
+def test_background_features_and_fd_bg(synth_test):
+    s = synth_test[0]
+    f = standins.background_features(s.reference, s.product_mask)
+    assert f.shape == (23,) and np.isfinite(f).all()
+    # the product's pixels do not enter the features
+    repainted = s.reference.copy()
+    repainted.paste((255, 0, 255), mask=s.product_mask.point(lambda v: 255 if v > 8 else 0))
+    assert np.allclose(standins.background_features(repainted, s.product_mask), f)
+    refs, masks = [x.reference for x in synth_test], [x.product_mask for x in synth_test]
+    grey = [Image.new("RGB", r.size, (128, 128, 128)) for r in refs]
+    assert standins.frechet_bg(refs, refs, masks) < 1e-6
+    assert standins.frechet_bg(grey, refs, masks) > 100.0
+
+
+def test_selection_quality_against_ground_truth():
+    quality = {"a": "good", "b": "good", "c": "good", "d": "watermark", "e": "plain_white", "f": "wrong_scene"}
+    sel = standins.selection_quality(list(quality), ["a", "b", "e"], quality, initial=list(quality))
+    assert sel["removed"] == 3 and sel["low_quality_removed"] == 2
+    assert sel["precision"] == pytest.approx(2 / 3) and sel["recall"] == pytest.approx(2 / 3)
+    assert sel["good_removed_fraction"] == pytest.approx(1 / 3)
+    assert sel["low_quality_share_after"] == pytest.approx(1 / 3)
+    assert sel["by_kind"] == {"plain_white": {"candidates": 1, "removed": 0}, "watermark": {"candidates": 1, "removed": 1},
+                              "wrong_scene": {"candidates": 1, "removed": 1}}
+    # a later round: candidates are what round 1 kept, cumulative counts are against D_0
+    sel2 = standins.selection_quality(["a", "b", "e"], ["a", "b"], quality, initial=list(quality))
+    assert sel2["recall"] == 1.0 and sel2["cumulative_low_quality_removed"] == 1.0
+    assert sel2["precision"] == 1.0 and sel2["low_quality_share_after"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Report writer
+# ------------------------------------------------------------------------------------------------
+
+
+def test_report_markdown_html_and_grid(tmp_path):
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2)))
+    assert mean_std([None]) == (None, None)
+    assert fmt_mean_std([0.5, 0.7], 100, 1) == "60.0 ± 14.1" and fmt_mean_std([0.5], 100, 0) == "50"
+    assert format_table(["a", "b"], [["x|y", 1]]).splitlines() == ["| a | b |", "|---|---:|", "| x\\|y | 1 |"]
+    rep = Report("Demo")
+    rep.heading("Table 2")
+    rep.text("with **bold** and `code`")
+    rep.table(["Row", "Scene acc. %"], [["CBA", "61.0 ± 2.0"]], caption="test")
+    rep.image("rounds.png", "Figure 8")
+    paths = rep.write(tmp_path)
+    md, html = open(paths["markdown"]).read(), open(paths["html"]).read()
+    assert "| CBA | 61.0 ± 2.0 |" in md and "![Figure 8](rounds.png)" in md
+    assert "<td>61.0 ± 2.0</td>" in html and '<img src="rounds.png"' in html and "<b>bold</b>" in html
+    cut = Image.new("RGBA", (32, 32))
+    grid = image_grid([{"cutout": cut, "name": "A long product name " * 3, "images": {"round 1": Image.new("RGB", (32, 32))}}],
+                      ["real", "round 1"], cell=64, name_width=100)
+    assert grid.size == (64 + 100 + 2 * 64, 22 + 64)
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole demo
+# ------------------------------------------------------------------------------------------------
+
+
+def test_demo_end_to_end_smoke(tmp_path, capsys):
+    from diffusers_product2img.demo.run import MODES, parse_args, run_demo
+
+    assert parse_args(["--quick"]).quick and parse_args([]).output_dir == "demo_output"
+    settings = MODES["smoke"]
+    out = tmp_path / "demo_output"
+    payload = run_demo(out, settings, cache_dir=tmp_path / "cache")
+    assert payload["mode"] == "smoke" and payload["tables"]["table2"]
+    printed = capsys.readouterr().out
+    assert "Table 2 (CBA, round 1)" in printed and "Table 3 (IDR-LMM)" in printed
+    assert "IDR round 3" in printed  # progress lines
+
+    for name in ("report.md", "report.html", "tables.json", "rounds.png", "grids/test.png", "grids/test_unseen.png",
+                 "table1/metrics.md"):
+        assert (out / name).is_file(), name
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for text in ("Table 2: CBA ablation", "Table 3: IDR-LMM", "Figure 8", "Plumbing only", "Did the paper's direction show?"):
+        assert text in md and text in html
+    assert "![Figure 8" in md and '<img src="rounds.png"' in html and '<img src="grids/test.png"' in html
+
+    tables = json.loads((out / "tables.json").read_text())
+    assert tables["mode"] == "smoke" and tables["settings"]["round_steps"] == list(settings.round_steps)
+    t2 = tables["tables"]["table2"]["test"]["rows"]
+    t3 = tables["tables"]["table3"]["test_unseen"]["rows"]
+    assert [r[0] for r in t2] == ["Product2Img (CBA)", "w/o CBA"] and len(t3) == 6
+    for row in t2 + t3:
+        float(row[1].split(" ")[0]), float(row[3].split(" ")[0])  # scene accuracy and FD-BG are numbers
+
+    seed = tables["seeds"]["0"]
+    lay = EPBDLayout(out / "runs" / "seed-0" / "epbd_synth")
+    sizes = [len(lay.kept_ids(k)) for k in range(4)]
+    assert sizes[0] == settings.world.num_train and sizes[0] >= sizes[1] >= sizes[2] >= sizes[3] > 0
+    removed = []
+    for r in ("1", "2", "3"):
+        rec = seed["idr"][r]
+        assert rec["kept"] == sizes[int(r)] and rec["candidates"] == sizes[int(r) - 1]
+        sel = rec["selection"]
+        assert 0.0 <= sel["cumulative_low_quality_removed"] <= 1.0
+        removed.append(sel["cumulative_low_quality_removed"])
+        for split in ("test", "test_unseen"):
+            assert set(rec["eval"][split]["metrics"]) == {"SceneAcc", "DefectRate", "FD-BG", "ExactPixel"}
+            assert rec["eval"][split]["metrics"]["ExactPixel"] == 1.0
+    assert removed == sorted(removed) and removed[0] > 0.3  # the simulated LMM catches planted defects
+    assert seed["idr"]["1"]["selection"]["precision"] > 0.5
+    assert seed["idr"]["1"]["feedback_used"] is None and seed["idr"]["2"]["feedback_used"]
+
+    # each arm trained on what it should: IDR round k on D_k, w/o IDR on everything, w/o CBA on D_1
+    def ids(path):
+        return set((out / "runs" / "seed-0" / path / "train_ids.txt").read_text().split())
+
+    assert ids("idr/round-2/model") == set(lay.kept_ids(2))
+    assert ids("no_idr/stage-3/model") == set(lay.kept_ids(0))
+    assert ids("no_cba/model") == set(lay.kept_ids(1))
+    assert not (out / "runs" / "seed-0" / "no_cba" / "model" / "cba_projection").exists()
+    assert (out / "runs" / "seed-0" / "idr" / "round-1" / "model" / "cba_projection").exists()
+
+    # Table 1 (plumbing) went through the benchmark harness and the metrics library
+    t1 = tables["table1"]["metrics"]
+    assert len(t1) == 4 and all("FD-CLIP" in m and "CLIP-c-B" in m for m in t1.values())
+
+    # a second run resumes: nothing is trained again
+    stamp = (out / "runs" / "seed-0" / "no_cba" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat()
+    run_demo(out, settings, cache_dir=tmp_path / "cache", quiet=True)
+    again = (out / "runs" / "seed-0" / "no_cba" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat()
+    assert again.st_mtime_ns == stamp.st_mtime_ns
