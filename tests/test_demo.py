@@ -198,3 +198,25 @@ def test_demo_end_to_end_smoke(tmp_path, capsys):
     run_demo(out, settings, cache_dir=tmp_path / "cache", quiet=True)
     again = (out / "runs" / "seed-0" / "no_cba" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat()
     assert again.st_mtime_ns == stamp.st_mtime_ns
+
+
+def test_effect_verdicts():
+    from diffusers_product2img.demo.summary import _verdict, effects
+
+    assert _verdict(10.4, 3.6, 3, 3, "higher") == "shows"
+    assert _verdict(0.7, 1.57, 3, 2, "higher") == "direction only (not significant)"
+    assert _verdict(-2.0, 1.0, 3, 0, "higher") == "not shown"
+    assert _verdict(-50.0, 10.0, 3, 3, "lower") == "shows"
+    assert _verdict(0.1, 0.0, 1, 1, "higher") == "one seed: direction only"
+
+    def ev(scene):
+        return {split: {"metrics": {"SceneAcc": scene, "DefectRate": 0.0, "FD-BG": 100.0}}
+                for split in ("test", "test_unseen")}
+
+    seeds = {s: {"idr": {i: {"eval": ev(0.4 + 0.05 * i + 0.01 * s)} for i in (1, 2, 3)},
+                 "no_idr": {i: {"eval": ev(0.3 + 0.01 * s)} for i in (1, 2, 3)}, "no_cba": {"eval": ev(0.4)}}
+             for s in (0, 1, 2)}
+    found = {(e["comparison"].split(":")[0], e["split"], e["metric"]): e for e in effects(seeds, (3, 1, 1))}
+    idr = found[("IDR-LMM (Table 3)", "test", "SceneAcc")]
+    assert idr["verdict"] == "shows" and idr["seeds_in_paper_direction"] == 3
+    assert found[("IDR-LMM (Table 3)", "test", "FD-BG")]["verdict"] == "not shown"  # equal: no direction

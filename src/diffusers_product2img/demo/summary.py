@@ -115,24 +115,36 @@ def effects(seeds: dict, round_steps) -> list[dict]:
             for key, _, _, _, better in METRICS:
                 d = _diffs(_values(seeds, arm_a, i_a, split, key), _values(seeds, arm_b, i_b, split, key))
                 valid = [x for x in d if x is not None]
-                good = [x for x in valid if (x > 0 if better == "higher" else x < 0)]
-                m, s = mean_std(valid)
+                agree = [x for x in valid if (x > 0 if better == "higher" else x < 0)]
+                m, sd = mean_std(valid)
                 out.append({"comparison": title, "split": split, "metric": key, "better": better,
-                            "mean_difference": m, "std_difference": s, "per_seed_difference": d,
-                            "seeds_in_paper_direction": len(good), "seeds": len(valid),
-                            "shows": bool(valid) and m is not None and (m > 0 if better == "higher" else m < 0)
-                            and len(good) * 2 > len(valid)})
+                            "mean_difference": m, "std_difference": sd, "per_seed_difference": d,
+                            "seeds_in_paper_direction": len(agree), "seeds": len(valid),
+                            "verdict": _verdict(m, sd, len(valid), len(agree), better)})
     return out
+
+
+def _verdict(mean, sd, n, agree, better) -> str:
+    """``shows``: the mean difference points the paper's way, most seeds agree and the mean is at least two
+    standard errors of the per-seed differences from zero; ``direction only``: the first two but not the third;
+    ``not shown``: otherwise; ``one seed``: no spread to judge with."""
+    if mean is None:
+        return "no data"
+    right_way = mean > 0 if better == "higher" else mean < 0
+    if n < 2:
+        return "one seed: direction only" if right_way else "one seed: not shown"
+    if not right_way or agree * 2 <= n:
+        return "not shown"
+    return "shows" if abs(mean) >= 2 * sd / n ** 0.5 else "direction only (not significant)"
 
 
 def _effect_text(e: dict) -> str:
     mult = 100.0 if e["metric"] in ("SceneAcc", "DefectRate") else 1.0
     unit = " pp" if mult == 100.0 else ""
     per_seed = ", ".join("-" if x is None else f"{x * mult:+.1f}" for x in e["per_seed_difference"])
-    verdict = "shows" if e["shows"] else "does not show"
     return (f"{e['comparison']}, {e['split']}, {e['metric']}: {e['mean_difference'] * mult:+.1f}{unit} "
             f"(per seed {per_seed}; paper's direction in {e['seeds_in_paper_direction']}/{e['seeds']} seeds) "
-            f"-> {verdict}")
+            f"-> {e['verdict']}")
 
 
 def _load_state(path: str):
@@ -280,9 +292,11 @@ def write_outputs(out: Path, settings, world, seeds: dict, table1: dict | None, 
                       caption=f"{SPLIT_TITLES[split]}; mean ± std over seeds {list(settings.seeds)}")
 
     rep.heading("Did the paper's direction show?")
-    rep.text("Per comparison: mean difference (first minus second), per-seed differences, and in how many seeds the "
-             "difference points the paper's way (higher scene accuracy, fewer defects, lower FD-BG). An effect "
-             "'shows' when the mean points that way and a majority of seeds agree.")
+    rep.text("Per comparison: mean difference (first minus second), per-seed differences (paired: same test "
+             "products, same noise), and in how many seeds the difference points the paper's way (higher scene "
+             "accuracy, fewer defects, lower FD-BG). **shows**: the mean points that way, most seeds agree and the mean "
+             "is at least two standard errors (of the per-seed differences) from zero; **direction only**: the first "
+             "two but not the third; **not shown**: otherwise.")
     rep.bullets([_effect_text(e) for e in eff])
 
     if table1 is not None:
