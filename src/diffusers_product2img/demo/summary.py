@@ -246,9 +246,10 @@ def write_outputs(out: Path, settings, world, seeds: dict, table1: dict | None, 
         f"{list(steps)} (the paper's 3000/1000/1000 scaled down)",
         f"Sampling: Euler Ancestral, {settings.inference_steps} steps, guidance scale {settings.guidance_scale:g}; "
         "image i of a split uses seed 10000 x seed + i for every model (paired comparisons)",
-        "The demo world's learning rates, guidance scale and sampler steps were chosen on the validation split; "
-        "the test splits are reported only. The paper's 1e-5 / 1e-6 are for fine-tuning the real SD; a tiny "
-        "model pretrained for seconds needs larger ones.",
+        f"The UNet learning rate and the guidance scale were chosen on the validation split (at "
+        f"{SELECTION.get('steps', '?')} steps, batch {SELECTION.get('batch_size', '?')}; see below); the test splits "
+        "are reported only. The paper's 1e-5 / 1e-6 are for fine-tuning the real SD; a tiny model pretrained for "
+        "a few minutes needs larger ones. The same settings are used by every arm and seed.",
         f"Stand-in metrics (no downloaded weights): scene accuracy = the fixed procedural classifier's scene of the "
         f"generated background equals the product category's scene family; defects = plain white / watermark / "
         f"clutter detected; FD-BG = Fréchet distance to the real test images on {BG_FEATURES}",
