@@ -147,11 +147,11 @@ def evaluate_model(model: str, dataset: str, out_dir: str | os.PathLike, *, spli
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .baselines.commands import _eval_config
+    from .baselines.commands import eval_config_from_args
     from .cli import CLIError
 
     try:
-        eval_config = None if args.skip_metrics else _eval_config(args)
+        eval_config = None if args.skip_metrics else eval_config_from_args(args)
     except ValueError as err:
         raise CLIError(str(err)) from None
     if args.quiet:
@@ -180,7 +180,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def register_commands(subparsers) -> None:
     """Add ``evaluate`` to the ``product2img`` CLI's subparsers."""
-    from .baselines.commands import _cuda_default, _parse_square
+    from .baselines.commands import default_device, parse_square_size
     from .metrics.commands import add_metric_model_arguments
 
     p = subparsers.add_parser(
@@ -202,7 +202,7 @@ def register_commands(subparsers) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=30, help="denoising steps (default 30, as in the paper)")
     s.add_argument("--guidance-scale", type=float, default=7.5)
-    s.add_argument("--size", "--resolution", dest="size", type=_parse_square, default=512,
+    s.add_argument("--size", "--resolution", dest="size", type=parse_square_size, default=512,
                    help="square canvas side (default 512)")
     s.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     s.add_argument("--gen-batch-size", type=int, default=1, help="products per pipeline call (default 1)")
@@ -212,4 +212,4 @@ def register_commands(subparsers) -> None:
     s.add_argument("--no-standins", action="store_true", help="no EPBD-synth stand-in table")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     add_metric_model_arguments(p)  # also --device / --dtype, used for generation as well
-    p.set_defaults(func=run_evaluate, device=_cuda_default())
+    p.set_defaults(func=run_evaluate, device=default_device())

@@ -20,7 +20,7 @@ import argparse
 import logging
 import os
 
-__all__ = ["register_commands", "run_benchmark_command"]
+__all__ = ["register_commands", "run_benchmark_command", "parse_square_size", "default_device", "eval_config_from_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ METHOD_NAMES = ("sd-inpainting", "controlnet-canny", "ip-adapter", "epbd-ft", "p
 DEFAULT_INPAINTING_MODEL = "stable-diffusion-v1-5/stable-diffusion-inpainting"
 
 
-def _parse_square(text: str) -> int:
+def parse_square_size(text: str) -> int:
+    """``--size`` values: ``512`` or ``512x512`` (EPBD samples are square), a positive multiple of 8."""
     parts = text.lower().split("x")
     try:
         sides = [int(p) for p in parts]
@@ -52,7 +53,8 @@ def _parse_methods(text: str) -> list[str]:
     return names
 
 
-def _cuda_default() -> str:
+def default_device() -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu`` (the ``--device`` default of benchmark and evaluate)."""
     try:
         import torch
 
@@ -61,7 +63,8 @@ def _cuda_default() -> str:
         return "cpu"
 
 
-def _eval_config(args: argparse.Namespace):
+def eval_config_from_args(args: argparse.Namespace):
+    """The :class:`~diffusers_product2img.metrics.evaluate.EvalConfig` of the shared metric-model flags."""
     from ..metrics.evaluate import ALL_METRICS, EvalConfig
 
     metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else ALL_METRICS
@@ -84,7 +87,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         if METHODS[name].default_model is None and not getattr(args, _model_dest(name)):
             raise CLIError(f"--methods includes {name}: give its checkpoint with --model-{name} PATH_OR_REPO")
     try:
-        eval_config = None if args.skip_metrics else _eval_config(args)
+        eval_config = None if args.skip_metrics else eval_config_from_args(args)
     except ValueError as err:
         raise CLIError(str(err)) from None
     if args.quiet:
@@ -186,7 +189,7 @@ def register_commands(subparsers) -> None:
     s = p.add_argument_group("sampling (the same for every method)")
     s.add_argument("--steps", type=int, default=30, help="denoising steps (default 30, as in the paper)")
     s.add_argument("--guidance-scale", type=float, default=7.5)
-    s.add_argument("--size", "--resolution", dest="size", type=_parse_square, default=512,
+    s.add_argument("--size", "--resolution", dest="size", type=parse_square_size, default=512,
                    help="square canvas side, e.g. 512 or 512x512 (default 512)")
     s.add_argument("--seed", type=int, default=0, help="image i of every method uses seed + i (default 0)")
     s.add_argument("--gen-batch-size", type=int, default=1, help="products per pipeline call (default 1)")
@@ -200,4 +203,4 @@ def register_commands(subparsers) -> None:
     from ..metrics.commands import add_metric_model_arguments
 
     add_metric_model_arguments(p)  # also --device / --dtype, used for generation as well
-    p.set_defaults(func=run_benchmark_command, device=_cuda_default())
+    p.set_defaults(func=run_benchmark_command, device=default_device())
