@@ -1,13 +1,16 @@
-"""The offline demo: its stand-in metrics, its report writer, and the whole run end to end (smoke mode).
+"""The offline demo: its stand-in metrics, its report writer, and the whole run end to end.
 
-The end-to-end test runs ``--smoke``: the full pipeline (EPBD-synth, export, demo-world pretraining,
-3 IDR-LMM rounds against the simulated LMM through the real openai client, CBA training with the
-example script, w/o-IDR and w/o-CBA arms, evaluation, Table-1 harness, report) with the smallest
-sizes, so that it fits the test suite. ``--quick`` is the same code with larger sizes.
+Two end-to-end runs: ``--smoke`` in-process (the full pipeline: EPBD-synth, export, demo-world
+pretraining, 3 IDR-LMM rounds against the simulated LMM through the real openai client, CBA training
+with the example script, w/o-IDR and w/o-CBA arms, evaluation, Table-1 harness, report; with the
+smallest sizes, checked in detail, and resumed), and ``--quick`` as a user runs it, from the command
+line in a fresh process with fresh caches (about 2.5 minutes on 2 cores).
 """
 
 import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -149,7 +152,8 @@ def test_demo_end_to_end_smoke(tmp_path, capsys):
                  "table1/metrics.md"):
         assert (out / name).is_file(), name
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
-    for text in ("Table 2: CBA ablation", "Table 3: IDR-LMM", "Figure 8", "Plumbing only", "Did the paper's direction show?"):
+    for text in ("Table 2: CBA ablation", "Table 3: IDR-LMM", "Figure 8", "Plumbing only", "Did the paper's direction show?",
+                 "CBA mechanism check"):
         assert text in md and text in html
     assert "![Figure 8" in md and '<img src="rounds.png"' in html and '<img src="grids/test.png"' in html
 
@@ -160,6 +164,13 @@ def test_demo_end_to_end_smoke(tmp_path, capsys):
     assert [r[0] for r in t2] == ["Product2Img (CBA)", "w/o CBA"] and len(t3) == 6
     for row in t2 + t3:
         float(row[1].split(" ")[0]), float(row[3].split(" ")[0])  # scene accuracy and FD-BG are numbers
+
+    # the CBA mechanism check: every arm and split, a loss only for the models with a CBA head
+    align = tables["tables"]["cba_alignment"]
+    assert len(align["rows"]) == 8 and 0.0 <= align["image_side"]["agreement"] <= 1.0
+    no_cba_rows = [r for r in align["rows"] if r[0].startswith("w/o CBA")]
+    assert len(no_cba_rows) == 2 and all(r[-1] == "- (no CBA head)" for r in no_cba_rows)
+    assert all("(" in r[-1] and r[-1][0].isdigit() for r in align["rows"] if not r[0].startswith("w/o CBA"))
 
     seed = tables["seeds"]["0"]
     lay = EPBDLayout(out / "runs" / "seed-0" / "epbd_synth")
@@ -220,3 +231,82 @@ def test_effect_verdicts():
     idr = found[("IDR-LMM (Table 3)", "test", "SceneAcc")]
     assert idr["verdict"] == "shows" and idr["seeds_in_paper_direction"] == 3
     assert found[("IDR-LMM (Table 3)", "test", "FD-BG")]["verdict"] == "not shown"  # equal: no direction
+
+
+def test_demo_quick_mode_from_the_command_line(tmp_path):
+    out, cache = tmp_path / "demo_output", tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFUSERS_PRODUCT2IMG_CACHE": str(tmp_path / "unused")}
+    proc = subprocess.run([sys.executable, "-m", "diffusers_product2img.demo", "--quick", "--output_dir", str(out),
+                           "--cache_dir", str(cache)], env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # progress: timestamped stage lines, and the tables printed at the end
+    for line in ("(quick mode)", "pretraining the autoencoder", "IDR round 3: training", "w/o IDR stage 3",
+                 "w/o CBA (round-1 data)", "Table 2 (CBA, round 1)", "Table 3 (IDR-LMM)", "CBA mechanism check",
+                 "done in"):
+        assert line in proc.stdout, line
+    for name in ("report.md", "report.html", "tables.json", "rounds.png", "grids/test.png", "grids/test_unseen.png"):
+        assert (out / name).is_file(), name
+    assert any(cache.rglob("*.safetensors")) and not (tmp_path / "unused").exists()  # --cache_dir was used
+
+    tables = json.loads((out / "tables.json").read_text())
+    assert tables["mode"] == "quick" and tables["settings"]["round_steps"] == [60, 20, 20]
+    assert tables["elapsed_seconds"] > 0 and set(tables["timings"]) >= {"world", "train", "evaluate"}
+    rounds = tables["seeds"]["0"]["idr"]
+    # the simulated LMM (misses ~40% of each planted kind) through the real client removes planted
+    # defects and no good sample; the feedback of round 1 is used in round 2
+    assert rounds["1"]["selection"]["cumulative_low_quality_removed"] > 0.3
+    assert rounds["1"]["selection"]["precision"] > 0.8
+    assert rounds["1"]["feedback_used"] is None and rounds["2"]["feedback_used"] == rounds["1"]["feedback"]
+    assert rounds["3"]["kept"] <= rounds["2"]["kept"] <= rounds["1"]["kept"] < 240
+    for r in ("1", "2", "3"):
+        assert rounds[r]["eval"]["test"]["metrics"]["ExactPixel"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# CBA mechanism check
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cross_category_scene_agreement_by_hand():
+    from diffusers_product2img.demo.alignment import cross_category_scene_agreement
+
+    # kitchen: coffee_mug, cookware; beach: sunscreen, sunglasses; gym: dumbbell (no other gym category)
+    cats = ["coffee_mug", "cookware", "sunscreen", "sunglasses", "dumbbell"]
+    by_scene = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    r = cross_category_scene_agreement(by_scene, cats)
+    assert r["queries"] == 4 and r["agreement"] == 1.0  # the dumbbell is skipped: nothing to agree with
+    assert r["chance"] == pytest.approx(1 / 4)  # each query: 1 same-scene among 4 other-category items
+    swapped = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [0.7, 0.7]])  # mug near sunscreen
+    assert cross_category_scene_agreement(swapped, cats)["agreement"] == 0.0
+    # queries against references; the query's own category among the references is never its neighbour
+    q = cross_category_scene_agreement(by_scene, cats, np.array([[1.0, 0.0]]), ["coffee_mug"])
+    assert q == {"agreement": 1.0, "chance": 0.25, "queries": 1}
+    assert cross_category_scene_agreement(by_scene, cats, np.array([[0.7, 0.7]]), ["dumbbell"])["agreement"] is None
+    with pytest.raises(ValueError, match="categories"):
+        cross_category_scene_agreement(by_scene, cats[:3])
+
+
+def test_text_features_and_background_loss_of_a_model_folder(tmp_path):
+    from diffusers_product2img.cba import CBA_PROJECTION_DIR, TextToImageProjection
+    from diffusers_product2img.demo.alignment import background_contrastive_loss, text_features
+    from diffusers_product2img.testing import save_tiny_product2img_pipeline
+
+    model = save_tiny_product2img_pipeline(tmp_path / "model")
+    names = ["Ceramic Coffee Mug 350 ml", "Sunscreen Lotion SPF 50", "Dumbbell Set 5 kg"]
+    f = text_features(model, names, batch_size=2)
+    assert f["background"].shape == f["eos"].shape == (3, f["background"].shape[1])
+    assert not np.allclose(f["background"][0], f["background"][1])  # the names reach the token's feature
+    assert np.allclose(text_features(model, names[:1])["background"], f["background"][:1], atol=1e-5)
+
+    images = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    assert background_contrastive_loss(model, names, images) is None  # no CBA head: a w/o-CBA model
+    projection = TextToImageProjection(f["background"].shape[1], 8)
+    projection.save_pretrained(tmp_path / "model" / CBA_PROJECTION_DIR)
+    r = background_contrastive_loss(model, names, images, chunk=2)
+    # chunks of 2 and 1: the single leftover has no negative and is left out
+    assert r["uniform"] == pytest.approx(np.log(2)) and np.isfinite(r["loss"]) and r["loss"] > 0
+    # features that match their backgrounds exactly score far below log N
+    with torch.no_grad():
+        projected = projection(torch.as_tensor(f["background"])).numpy()
+    matched = background_contrastive_loss(model, names, projected, chunk=3)
+    assert matched["loss"] < 0.1 * matched["uniform"] and matched["uniform"] == pytest.approx(np.log(3))

@@ -164,8 +164,8 @@ def test_sample_order_is_independent_of_process_count_and_of_resuming():
 
 
 def test_collator_builds_what_the_pipeline_builds(train_ds):
-    from diffusers_product2img.testing import tiny_clip_model, tiny_inpainting_components
     from diffusers_product2img.placement import inpainting_condition
+    from diffusers_product2img.testing import tiny_clip_model, tiny_inpainting_components
 
     pipe = Product2ImgPipeline.from_components(**tiny_inpainting_components())
     _, processor, _ = tiny_clip_model()

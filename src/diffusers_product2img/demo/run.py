@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .alignment import alignment_check
 from .world import WorldConfig, build_world, default_demo_cache_dir
 
 __all__ = ["DemoSettings", "MODES", "SELECTION", "run_demo", "main", "load_train_script"]
@@ -433,12 +434,17 @@ def run_demo(output_dir: str | os.PathLike, settings: DemoSettings, *, cache_dir
         progress(f"=== seed {seed} ({k}/{len(settings.seeds)}) ===")
         seeds[seed] = run_seed(seed, world, settings, tp, evaluator, out, progress, validation)
 
+    # Why CBA does or does not show in Table 2: did the text features move towards the backgrounds?
+    progress("CBA mechanism check: do the names' <background> features group by scene?")
+    with progress.timed("alignment"):
+        alignment = alignment_check(world.data_root, world.clip_model, splits, seeds, res)
+
     table1 = None
     if settings.table1:
         table1 = run_table1(world, settings, seeds[settings.seeds[0]], splits["test"], out, progress)
 
     progress("writing the report")
-    payload = summary.write_outputs(out, settings, world, seeds, table1, splits, progress)
+    payload = summary.write_outputs(out, settings, world, seeds, table1, splits, progress, alignment)
     progress(f"done in {progress.elapsed() / 60:.1f} min: {out / 'report.md'} and {out / 'report.html'}")
     return payload
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .report import Report, fmt_mean_std, format_table, image_grid, mean_std
 
-__all__ = ["write_outputs", "table2_rows", "table3_rows", "selection_rows", "effects"]
+__all__ = ["write_outputs", "table2_rows", "table3_rows", "selection_rows", "effects", "alignment_rows"]
 
 SPLITS = ("test", "test_unseen")
 SPLIT_TITLES = {"test": "test (seen categories)", "test_unseen": "test_unseen (unseen categories)"}
@@ -66,6 +66,28 @@ SELECTION_COLUMNS = (
     ("cumulative_low_quality_removed", "Planted low-quality removed so far %", 100.0),
     ("low_quality_share_after", "Low-quality share of D_i %", 100.0),
 )
+
+
+ALIGNMENT_HEADER = ["Model", "split", "<background> scene agreement % ↑", "<eos> scene agreement % ↑", "chance %",
+                    "L'cl(b, B) on test products (log N)"]
+
+
+def alignment_rows(alignment: dict) -> list[list[str]]:
+    """The CBA mechanism check (:mod:`.alignment`): per model and split, mean ± std over seeds."""
+    from .alignment import ARMS
+
+    rows = []
+    models = alignment["models"]
+    for label, _, _ in ARMS:
+        for split in SPLITS:
+            per_seed = [m[label][split] for m in models.values()]
+            cells = [fmt_mean_std([r[pos]["agreement"] for r in per_seed], 100, 1) for pos in ("background", "eos")]
+            cells.append(fmt_mean_std([per_seed[0]["background"]["chance"]], 100, 1))
+            losses = [r["background_loss"] for r in per_seed if r["background_loss"]]
+            cells.append(f"{fmt_mean_std([x['loss'] for x in losses], 1, 2)} ({losses[0]['uniform']:.2f})"
+                         if losses else "- (no CBA head)")
+            rows.append([label, split, *cells])
+    return rows
 
 
 def selection_rows(seeds: dict, rounds: int) -> list[list[str]]:
@@ -191,7 +213,8 @@ def _grids(out: Path, settings, seeds: dict, splits: dict) -> list[tuple[str, st
     return made
 
 
-def write_outputs(out: Path, settings, world, seeds: dict, table1: dict | None, splits: dict, progress) -> dict:
+def write_outputs(out: Path, settings, world, seeds: dict, table1: dict | None, splits: dict, progress,
+                  alignment: dict | None = None) -> dict:
     """Write report.md, report.html, tables.json, rounds.png and the grids; print the ablation tables."""
     from ..idr.rounds import data_size_plot, round_summary_rows
     from .run import SELECTION
@@ -216,13 +239,16 @@ def write_outputs(out: Path, settings, world, seeds: dict, table1: dict | None, 
         "selection_by_kind": {"header": ["Planted defect"] + [f"removed after round {r} %" for r in range(1, rounds + 1)],
                               "rows": per_kind_rows(seeds, rounds)},
     }
+    if alignment is not None:
+        tables["cba_alignment"] = {"header": ALIGNMENT_HEADER, "rows": alignment_rows(alignment),
+                                   "image_side": alignment["image_side"]}
     payload = {
         "mode": settings.mode, "settings": settings.to_json(), "selection_protocol": SELECTION,
         "world": {"vae": world.vae_info, "timings": world.timings, "data_root": str(world.data_root)},
         "standin_features": BG_FEATURES, "tables": tables, "effects": eff,
         "seeds": {str(k): v for k, v in seeds.items()}, "table1": table1,
         "idr_rounds_seed0": round_summary_rows(state), "timings": {k: round(v, 1) for k, v in progress.marks.items()},
-        "elapsed_seconds": round(progress.elapsed(), 1),
+        "elapsed_seconds": round(progress.elapsed(), 1), "cba_alignment": alignment,
     }
 
     rep = Report("Product2Img offline demo on EPBD-synth")
@@ -291,6 +317,20 @@ def write_outputs(out: Path, settings, world, seeds: dict, table1: dict | None, 
         for split in SPLITS:
             rep.table(tables[key][split]["header"], tables[key][split]["rows"],
                       caption=f"{SPLIT_TITLES[split]}; mean ± std over seeds {list(settings.seeds)}")
+
+    if alignment is not None:
+        img = alignment["image_side"]
+        rep.heading("CBA mechanism check: do the names' text features group by scene?")
+        rep.text("CBA should pull a name's `<background>` feature towards its background's CLIP embedding, so that "
+                 "names of *different* categories sharing a scene family end up neighbours. Scene agreement: for each "
+                 "test name, its nearest training name of another category (cosine, text encoder output) has the "
+                 "same scene family. Image side, the target CBA aligns to (CLIP background embeddings of "
+                 f"{alignment['image_side_samples']} clean training images, same measure): "
+                 f"**{_pct1(img['agreement'])}** (chance {_pct1(img['chance'])}). The last column is CBA's "
+                 "background loss on test products with the model's own projection, beside log N, the loss of "
+                 "features that cannot tell the products apart.")
+        rep.table(ALIGNMENT_HEADER, tables["cba_alignment"]["rows"],
+                  caption=f"mean ± std over seeds {list(settings.seeds)}")
 
     rep.heading("Did the paper's direction show?")
     rep.text("Per comparison: mean difference (first minus second), per-seed differences (paired: same test "
@@ -361,6 +401,10 @@ def write_outputs(out: Path, settings, world, seeds: dict, table1: dict | None, 
         print("\nIDR-LMM selection vs the planted ground truth:")
         print(format_table(tables["selection"]["header"], tables["selection"]["rows"]))
         print(format_table(tables["selection_by_kind"]["header"], tables["selection_by_kind"]["rows"]))
+        if alignment is not None:
+            print(f"\nCBA mechanism check (image side: {_pct1(alignment['image_side']['agreement'])}, chance "
+                  f"{_pct1(alignment['image_side']['chance'])}):")
+            print(format_table(ALIGNMENT_HEADER, tables["cba_alignment"]["rows"]))
         print("\nEffects (scene accuracy):")
         for e in eff:
             if e["metric"] == "SceneAcc":
@@ -371,3 +415,7 @@ def write_outputs(out: Path, settings, world, seeds: dict, table1: dict | None, 
 
 def _pct(v) -> str:
     return "?" if v is None else f"{100 * v:.0f}%"
+
+
+def _pct1(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
