@@ -68,7 +68,7 @@ SELECTION_COLUMNS = (
 )
 
 
-ALIGNMENT_HEADER = ["Model", "split", "<background> scene agreement % ↑", "<eos> scene agreement % ↑", "chance %",
+ALIGNMENT_HEADER = ["Model", "split", "`<background>` scene agreement % ↑", "`<eos>` scene agreement % ↑", "chance %",
                     "L'cl(b, B) on test products (log N)"]
 
 
