@@ -147,19 +147,10 @@ def evaluate_model(model: str, dataset: str, out_dir: str | os.PathLike, *, spli
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .baselines.commands import eval_config_from_args
+    from .baselines.commands import metrics_setup
     from .cli import CLIError
 
-    try:
-        eval_config = None if args.skip_metrics else eval_config_from_args(args)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
-    if args.quiet:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
+    eval_config = metrics_setup(args)
     try:
         result = evaluate_model(
             args.model, args.dataset, args.output_dir, split=args.split, config=args.config, limit=args.limit,
@@ -180,7 +171,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def register_commands(subparsers) -> None:
     """Add ``evaluate`` to the ``product2img`` CLI's subparsers."""
-    from .baselines.commands import default_device, parse_square_size
+    from .baselines.commands import add_sampling_arguments, default_device
     from .metrics.commands import add_metric_model_arguments
 
     p = subparsers.add_parser(
@@ -199,17 +190,7 @@ def register_commands(subparsers) -> None:
     p.add_argument("--method", choices=METHOD_CHOICES, default="auto",
                    help="pipeline and text: auto = from the checkpoint's format (default)")
     p.add_argument("--name", default=None, help="row name in the table (default: the method's, e.g. Product2Img)")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, default=30, help="denoising steps (default 30, as in the paper)")
-    s.add_argument("--guidance-scale", type=float, default=7.5)
-    s.add_argument("--size", "--resolution", dest="size", type=parse_square_size, default=512,
-                   help="square canvas side (default 512)")
-    s.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    s.add_argument("--gen-batch-size", type=int, default=1, help="products per pipeline call (default 1)")
-    s.add_argument("--no-paste-product", action="store_true", help="do not paste the original product pixels back")
-    s.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
-    s.add_argument("--skip-metrics", action="store_true", help="only generate (score later with evaluate-images)")
-    s.add_argument("--no-standins", action="store_true", help="no EPBD-synth stand-in table")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_sampling_arguments(p)
+    p.add_argument("--no-standins", action="store_true", help="no EPBD-synth stand-in table")
     add_metric_model_arguments(p)  # also --device / --dtype, used for generation as well
     p.set_defaults(func=run_evaluate, device=default_device())

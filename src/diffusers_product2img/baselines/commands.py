@@ -20,7 +20,8 @@ import argparse
 import logging
 import os
 
-__all__ = ["register_commands", "run_benchmark_command", "parse_square_size", "default_device", "eval_config_from_args"]
+__all__ = ["register_commands", "run_benchmark_command", "parse_square_size", "default_device", "eval_config_from_args",
+           "add_sampling_arguments", "metrics_setup"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,41 @@ def default_device() -> str:
         return "cpu"
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser, title: str = "sampling") -> None:
+    """The generation flags shared by ``benchmark`` and ``evaluate`` (steps, guidance, size, seeds, ...)."""
+    s = parser.add_argument_group(title)
+    s.add_argument("--steps", type=int, default=30, help="denoising steps (default 30, as in the paper)")
+    s.add_argument("--guidance-scale", type=float, default=7.5)
+    s.add_argument("--size", "--resolution", dest="size", type=parse_square_size, default=512,
+                   help="square canvas side, e.g. 512 or 512x512 (default 512)")
+    s.add_argument("--seed", type=int, default=0, help="image i (of every method) uses seed + i (default 0)")
+    s.add_argument("--gen-batch-size", type=int, default=1, help="products per pipeline call (default 1)")
+    s.add_argument("--no-paste-product", action="store_true",
+                   help="do not paste the original product pixels back (for every method, Product2Img included)")
+    s.add_argument("--overwrite", action="store_true", help="regenerate images that already exist in the output")
+    s.add_argument("--skip-metrics", action="store_true",
+                   help="only write the images and benchmark.json (score later with evaluate-images)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def metrics_setup(args: argparse.Namespace):
+    """Check the metric flags (one clear ``CLIError``) and honour ``--quiet``; the ``EvalConfig``, or
+    ``None`` with ``--skip-metrics``. Runs before any model or image is loaded."""
+    from ..cli import CLIError
+
+    try:
+        eval_config = None if args.skip_metrics else eval_config_from_args(args)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.quiet:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    return eval_config
+
+
 def eval_config_from_args(args: argparse.Namespace):
     """The :class:`~diffusers_product2img.metrics.evaluate.EvalConfig` of the shared metric-model flags."""
     from ..metrics.evaluate import ALL_METRICS, EvalConfig
@@ -86,16 +122,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     for name in args.methods:
         if METHODS[name].default_model is None and not getattr(args, _model_dest(name)):
             raise CLIError(f"--methods includes {name}: give its checkpoint with --model-{name} PATH_OR_REPO")
-    try:
-        eval_config = None if args.skip_metrics else eval_config_from_args(args)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
-    if args.quiet:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
+    eval_config = metrics_setup(args)
     try:
         samples = load_benchmark_samples(args.dataset, args.split, config=args.config, limit=args.limit,
                                          resolution=args.size)
@@ -186,19 +213,7 @@ def register_commands(subparsers) -> None:
                    help="auto: product name for a Product2Img-format checkpoint, the uniform template for an "
                         "SD-Inpainting-format one (default)")
 
-    s = p.add_argument_group("sampling (the same for every method)")
-    s.add_argument("--steps", type=int, default=30, help="denoising steps (default 30, as in the paper)")
-    s.add_argument("--guidance-scale", type=float, default=7.5)
-    s.add_argument("--size", "--resolution", dest="size", type=parse_square_size, default=512,
-                   help="square canvas side, e.g. 512 or 512x512 (default 512)")
-    s.add_argument("--seed", type=int, default=0, help="image i of every method uses seed + i (default 0)")
-    s.add_argument("--gen-batch-size", type=int, default=1, help="products per pipeline call (default 1)")
-    s.add_argument("--no-paste-product", action="store_true",
-                   help="do not paste the original product pixels back (for every method, Product2Img included)")
-    s.add_argument("--overwrite", action="store_true", help="regenerate images that already exist in --out")
-    s.add_argument("--skip-metrics", action="store_true",
-                   help="only write the images and benchmark.json (score later with evaluate-images)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_sampling_arguments(p, "sampling (the same for every method)")
 
     from ..metrics.commands import add_metric_model_arguments
 
