@@ -26,14 +26,6 @@ from diffusers_product2img.demo import standins  # noqa: E402
 from diffusers_product2img.demo.report import Report, fmt_mean_std, format_table, image_grid, mean_std  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def synth_test(tmp_path_factory):
     root = generate_epbd_synth(tmp_path_factory.mktemp("synth") / "epbd", resolution=32, num_train=0,

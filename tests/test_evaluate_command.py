@@ -6,7 +6,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from diffusers_product2img.cli import build_parser, main  # noqa: E402
 from diffusers_product2img.data import export_epbd, generate_epbd_synth  # noqa: E402
@@ -14,14 +13,6 @@ from diffusers_product2img.testing import save_tiny_clip_model  # noqa: E402
 
 N_TEST = 4
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second intra-op thread only adds OpenMP spin-waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

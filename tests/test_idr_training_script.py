@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from _training_helpers import base_args, load_train_script, make_epbd_synth
 from datasets import load_dataset
 
@@ -17,13 +16,6 @@ from diffusers_product2img.idr.simulated_lmm import SimulatedLMMServer
 CANARY_KEY = "sk-canary-idr-0123456789"
 CANARY_TOKEN = "hf_canaryIDRtoken987654321"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class RecordingHubApi:
