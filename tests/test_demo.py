@@ -291,14 +291,16 @@ def test_text_features_and_background_loss_of_a_model_folder(tmp_path):
     assert np.allclose(text_features(model, names[:1])["background"], f["background"][:1], atol=1e-5)
 
     images = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
-    assert background_contrastive_loss(model, names, images) is None  # no CBA head: a w/o-CBA model
+    assert background_contrastive_loss(model, f["background"], images) is None  # no CBA head: a w/o-CBA model
     projection = TextToImageProjection(f["background"].shape[1], 8)
     projection.save_pretrained(tmp_path / "model" / CBA_PROJECTION_DIR)
-    r = background_contrastive_loss(model, names, images, chunk=2)
+    r = background_contrastive_loss(model, f["background"], images, chunk=2)
     # chunks of 2 and 1: the single leftover has no negative and is left out
     assert r["uniform"] == pytest.approx(np.log(2)) and np.isfinite(r["loss"]) and r["loss"] > 0
     # features that match their backgrounds exactly score far below log N
     with torch.no_grad():
         projected = projection(torch.as_tensor(f["background"])).numpy()
-    matched = background_contrastive_loss(model, names, projected, chunk=3)
+    matched = background_contrastive_loss(model, f["background"], projected, chunk=3)
     assert matched["loss"] < 0.1 * matched["uniform"] and matched["uniform"] == pytest.approx(np.log(3))
+    with pytest.raises(ValueError, match="background embeddings"):
+        background_contrastive_loss(model, f["background"], projected[:2])

@@ -118,10 +118,14 @@ def clip_background_embeddings(clip_model: str | Path, images: Sequence, masks: 
 
 
 @torch.no_grad()
-def background_contrastive_loss(model_dir: str | Path, names: Sequence[str], background_embeddings: np.ndarray,
+def background_contrastive_loss(model_dir: str | Path, text_background: np.ndarray, background_embeddings: np.ndarray,
                                 chunk: int = 64, tau: float | None = None) -> dict | None:
     """``L'cl(b, B)`` of a CBA model (its saved projection) on held-out products, averaged over
-    chunks of ``chunk`` (the in-batch negatives), beside ``log(chunk)``; ``None`` without a projection."""
+    chunks of ``chunk`` (the in-batch negatives), beside ``log(chunk)``; ``None`` without a projection.
+
+    ``text_background`` is the model's ``<background>`` features of the products' names
+    (:func:`text_features`), ``background_embeddings`` the CLIP embeddings of their backgrounds.
+    """
     from ..cba import (
         CBA_PROJECTION_DIR,
         DEFAULT_CBA_TEMPERATURE,
@@ -133,10 +137,12 @@ def background_contrastive_loss(model_dir: str | Path, names: Sequence[str], bac
     if not folder.is_dir():
         return None
     projection = TextToImageProjection.from_pretrained(folder).eval()
-    text = projection(torch.as_tensor(text_features(model_dir, names)["background"]))
+    text = projection(torch.as_tensor(text_background, dtype=torch.float32))
     images = torch.as_tensor(background_embeddings, dtype=torch.float32)
+    if text.shape[0] != images.shape[0]:
+        raise ValueError(f"{text.shape[0]} text features but {images.shape[0]} background embeddings")
     losses, sizes = [], []
-    for start in range(0, len(names), chunk):
+    for start in range(0, text.shape[0], chunk):
         a, b = text[start:start + chunk], images[start:start + chunk]
         if a.shape[0] < 2:
             continue
@@ -159,7 +165,7 @@ def text_alignment(model_dir: str | Path, train_names: Sequence[str], train_cate
             position: cross_category_scene_agreement(refs[position], train_categories, queries[position], cats)
             for position in ("background", "eos")
         }
-        result[split]["background_loss"] = background_contrastive_loss(model_dir, names,
+        result[split]["background_loss"] = background_contrastive_loss(model_dir, queries["background"],
                                                                        split_background_embeddings[split])
     return result
 
