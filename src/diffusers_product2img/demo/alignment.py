@@ -156,17 +156,23 @@ def background_contrastive_loss(model_dir: str | Path, text_background: np.ndarr
 def text_alignment(model_dir: str | Path, train_names: Sequence[str], train_categories: Sequence[str],
                    splits: dict[str, Sequence], split_background_embeddings: dict[str, np.ndarray]) -> dict:
     """The text-side checks of one trained model, per split (``splits``: lists of ``BenchmarkSample``)."""
-    refs = text_features(model_dir, train_names)
+    split_names = {split: [s.product_name for s in samples] for split, samples in splits.items()}
+    # one pass of the text encoder over the training names and every split's names
+    features = text_features(model_dir, [*train_names, *(n for names in split_names.values() for n in names)])
+    refs = {position: f[:len(train_names)] for position, f in features.items()}
+    start = len(train_names)
     result = {}
     for split, samples in splits.items():
-        names, cats = [s.product_name for s in samples], [s.category for s in samples]
-        queries = text_features(model_dir, names)
+        end = start + len(samples)
+        queries = {position: f[start:end] for position, f in features.items()}
+        cats = [s.category for s in samples]
         result[split] = {
             position: cross_category_scene_agreement(refs[position], train_categories, queries[position], cats)
             for position in ("background", "eos")
         }
         result[split]["background_loss"] = background_contrastive_loss(model_dir, queries["background"],
                                                                        split_background_embeddings[split])
+        start = end
     return result
 
 
